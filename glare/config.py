@@ -1,0 +1,344 @@
+"""One typed configuration for every part of GLARE.
+
+The dataclasses below are the schema: defaults live here, YAML presets in
+``configs/`` and ``key=value`` overrides are merged on top through OmegaConf
+structured configs (which reject unknown keys and wrong types), and
+:func:`validate` checks ranges and cross-field rules before anything heavy
+starts. The same object is what Ray Tune's search space writes into.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class AdapterConfig:
+    """UniAdapter (visual branch) placed parallel to each block's MLP."""
+
+    bottleneck: int = 64
+    scale: float = 0.1
+    learnable_scale: bool = False
+
+
+@dataclass
+class HeadConfig:
+    """DINO projection head: MLP -> L2-normalised bottleneck -> K prototypes."""
+
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    out_dim: int = 4096
+    layers: int = 3
+
+
+@dataclass
+class ModelConfig:
+    """Backbone, adapters, heads and the teacher's EMA schedule."""
+
+    arch: str = "vit_small_patch14_dinov2"
+    # "imgfocus" (offline DINOv2-S/14), "none" (random init), "timm" (hub weights
+    # of `arch`), or a path to a timm / DINO / UDI / safetensors checkpoint.
+    weights: str = "imgfocus"
+    img_size: int = 224
+    # Extra timm.create_model kwargs, e.g. {embed_dim: 64, depth: 2} for tests.
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Which prefix token feeds the global loss (0 = [CLS]; UDI's image-level token).
+    global_token: int = 0
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    momentum_start: float = 0.996
+    momentum_end: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    """Weights of the four consistency terms and DINO's temperatures/centres."""
+
+    glob: float = 1.0
+    reg: float = 1.0
+    loc1: float = 1.0
+    loc2: float = 1.0
+    student_temp: float = 0.1
+    teacher_temp_start: float = 0.04
+    teacher_temp: float = 0.07
+    teacher_temp_warmup_steps: int = 100
+    center_momentum: float = 0.9
+
+
+@dataclass
+class RegionConfig:
+    """Attention-guided region sampling and region correspondence."""
+
+    num_regions: int = 6
+    top_q: float = 0.15
+    correspondence: str = "cross_attention"  # or "geometric"
+
+
+@dataclass
+class AugmentConfig:
+    """Two DINO-style global views (Kornia) and the per-patch distortion."""
+
+    view_size: int = 224
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    min_overlap: float = 0.3
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: tuple[float, float] = (1.0, 0.1)
+    solarize_p: tuple[float, float] = (0.0, 0.2)
+    # Patch distortion ("patch blurring"): fraction of patches, blur sigma range.
+    patch_fraction: float = 0.3
+    blur_sigma: tuple[float, float] = (1.0, 3.0)
+    patch_noise_p: float = 0.0
+    patch_noise_std: float = 0.1
+    patch_jitter_p: float = 0.0
+
+
+@dataclass
+class MosaicConfig:
+    """The embedded real-texture mosaic data set (generated once, cached)."""
+
+    num_classes: int = 10
+    image_size: int = 224
+    train: int = 200
+    val: int = 60
+    unlabelled: int = 200
+    seed: int = 0
+    cache_dir: str = ""  # empty: ~/.cache/glare/mosaic
+
+
+@dataclass
+class DataConfig:
+    """Where pre-training images and the labelled evaluation set come from."""
+
+    # "mosaic" (embedded default), a folder, a glob, a .txt list, a .parquet
+    # file or any URI Ray Data reads (s3://, gs://).
+    source: str = "mosaic"
+    image_column: str = "image"
+    base_size: int = 256
+    materialize: bool = True
+    mosaic: MosaicConfig = field(default_factory=MosaicConfig)
+    # Labelled set for the linear probe: "mosaic", or a reader name
+    # (ade20k, cityscapes, pascal_context, loveda, voc, generic) with `seg_root`.
+    seg_format: str = "mosaic"
+    seg_root: str = ""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warm-up + cosine lr and a cosine weight-decay ramp."""
+
+    lr: float = 5e-4  # per 256 images; scaled by the global batch
+    min_lr: float = 1e-6
+    warmup_steps: int = 50
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+
+
+@dataclass
+class TrainConfig:
+    """Length, logging, checkpointing and fault handling of a run."""
+
+    steps: int = 300
+    batch_size: int = 16  # per worker
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 50
+    eval_every: int = 0  # 0: evaluate only before and after training
+    max_nonfinite: int = 5
+    amp: bool = True  # bf16 autocast, used on CUDA only
+    run_name: str = ""  # empty: glare-<timestamp>
+    storage_path: str = "runs"
+
+
+@dataclass
+class EvalConfig:
+    """The fast linear probe used as the tuning objective."""
+
+    probe_steps: int = 300
+    probe_lr: float = 1e-3
+    probe_batch_size: int = 16
+    last_blocks: int = 1
+    img_size: int = 224
+    seed: int = 0
+
+
+@dataclass
+class RayConfig:
+    """Where and how wide to run."""
+
+    address: str = ""  # empty: join the cluster we run in, else start a local one
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+
+
+@dataclass
+class GlareConfig:
+    """The whole configuration of a GLARE run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    region: RegionConfig = field(default_factory=RegionConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def _resolve_preset(path: str | Path) -> Path:
+    """Find a preset by path, or by name inside ``configs/``."""
+    p = Path(path)
+    for cand in (p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"config file not found: {path} (looked in . and {CONFIG_DIR})")
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> GlareConfig:
+    """Build a validated :class:`GlareConfig`.
+
+    Args:
+        path: a YAML file (or a preset name in ``configs/``) merged over the defaults.
+        overrides: ``"section.key=value"`` strings merged last, e.g.
+            ``"model.adapter.bottleneck=32"``.
+
+    Raises:
+        ConfigError: naming the offending key for unknown keys, wrong types and
+            out-of-range values.
+    """
+    schema = OmegaConf.structured(GlareConfig)
+    layers: list[DictConfig] = []
+    try:
+        if path is not None:
+            preset = _resolve_preset(path)
+            layers.append(OmegaConf.load(preset))
+        overrides = list(overrides)
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(schema, *layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None)
+        msg = getattr(err, "msg", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config key {key!r}: {msg}") from None
+    assert isinstance(cfg, GlareConfig)
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r}: {message}")
+
+
+def _check_range(value: tuple[float, float] | list[float], key: str, lo: float, hi: float) -> None:
+    _check(len(value) == 2, key, f"needs two values (low, high), got {list(value)}")
+    _check(lo <= value[0] <= value[1] <= hi, key, f"needs {lo} <= low <= high <= {hi}, got {list(value)}")
+
+
+def validate(cfg: GlareConfig) -> None:
+    """Check ranges and cross-field rules; raise :class:`ConfigError` naming the key."""
+    m, lo, r, a, d, o, t, e, ray = (
+        cfg.model, cfg.loss, cfg.region, cfg.augment, cfg.data, cfg.optim, cfg.train, cfg.eval, cfg.ray,
+    )
+    _check(m.adapter.bottleneck >= 1, "model.adapter.bottleneck", f"must be >= 1, got {m.adapter.bottleneck}")
+    _check(m.img_size >= 8, "model.img_size", f"must be >= 8, got {m.img_size}")
+    _check(m.global_token >= 0, "model.global_token", f"must be >= 0, got {m.global_token}")
+    for name in ("hidden_dim", "bottleneck_dim", "out_dim"):
+        v = getattr(m.head, name)
+        _check(v >= 1, f"model.head.{name}", f"must be >= 1, got {v}")
+    _check(m.head.layers >= 1, "model.head.layers", f"must be >= 1, got {m.head.layers}")
+    _check(0.0 <= m.momentum_start <= m.momentum_end <= 1.0, "model.momentum_start",
+           f"needs 0 <= momentum_start <= momentum_end <= 1, got {m.momentum_start}, {m.momentum_end}")
+    for name in ("glob", "reg", "loc1", "loc2"):
+        v = getattr(lo, name)
+        _check(v >= 0.0, f"loss.{name}", f"loss weights must be >= 0, got {v}")
+    _check(lo.glob + lo.reg + lo.loc1 + lo.loc2 > 0, "loss", "at least one loss weight must be > 0")
+    for name in ("student_temp", "teacher_temp_start", "teacher_temp"):
+        v = getattr(lo, name)
+        _check(v > 0.0, f"loss.{name}", f"temperatures must be > 0, got {v}")
+    _check(lo.teacher_temp_warmup_steps >= 0, "loss.teacher_temp_warmup_steps", "must be >= 0")
+    _check(0.0 <= lo.center_momentum < 1.0, "loss.center_momentum", f"must be in [0, 1), got {lo.center_momentum}")
+    _check(r.num_regions >= 1, "region.num_regions", f"must be >= 1, got {r.num_regions}")
+    _check(0.0 < r.top_q <= 1.0, "region.top_q", f"must be in (0, 1], got {r.top_q}")
+    _check(r.correspondence in ("cross_attention", "geometric"), "region.correspondence",
+           f"must be 'cross_attention' or 'geometric', got {r.correspondence!r}")
+    _check(a.view_size >= 8, "augment.view_size", f"must be >= 8, got {a.view_size}")
+    _check_range(a.crop_scale, "augment.crop_scale", 1e-3, 1.0)
+    _check(0.0 <= a.min_overlap < 1.0, "augment.min_overlap", f"must be in [0, 1), got {a.min_overlap}")
+    for name in ("flip_p", "jitter_p", "grayscale_p", "patch_fraction", "patch_noise_p", "patch_jitter_p"):
+        v = getattr(a, name)
+        _check(0.0 <= v <= 1.0, f"augment.{name}", f"must be in [0, 1], got {v}")
+    for name in ("blur_p", "solarize_p"):
+        v = getattr(a, name)
+        _check(len(v) == 2 and all(0.0 <= p <= 1.0 for p in v), f"augment.{name}",
+               f"needs one probability in [0, 1] per view, got {list(v)}")
+    _check_range(a.blur_sigma, "augment.blur_sigma", 0.0, 100.0)
+    _check(a.patch_noise_std >= 0.0, "augment.patch_noise_std", "must be >= 0")
+    _check(d.base_size >= a.view_size, "data.base_size",
+           f"must be >= augment.view_size ({a.view_size}), got {d.base_size}")
+    _check(d.mosaic.num_classes >= 2, "data.mosaic.num_classes", "must be >= 2")
+    _check(d.mosaic.train >= 1 and d.mosaic.val >= 1, "data.mosaic", "train and val must be >= 1")
+    _check(o.lr > 0.0, "optim.lr", f"must be > 0, got {o.lr}")
+    _check(0.0 <= o.min_lr <= o.lr, "optim.min_lr", "must be in [0, optim.lr]")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(o.weight_decay >= 0.0 and o.weight_decay_end >= 0.0, "optim.weight_decay", "must be >= 0")
+    _check(o.clip_grad >= 0.0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+    _check(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
+    _check(t.batch_size >= 2, "train.batch_size", f"must be >= 2, got {t.batch_size}")
+    for name in ("log_every", "checkpoint_every"):
+        _check(getattr(t, name) >= 1, f"train.{name}", "must be >= 1")
+    _check(t.eval_every >= 0, "train.eval_every", "must be >= 0")
+    _check(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+    _check(e.probe_steps >= 1, "eval.probe_steps", "must be >= 1")
+    _check(e.last_blocks >= 1, "eval.last_blocks", "must be >= 1")
+    _check(e.probe_batch_size >= 2, "eval.probe_batch_size", "must be >= 2")
+    _check(ray.num_workers >= 1, "ray.num_workers", f"must be >= 1, got {ray.num_workers}")
+    _check(ray.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
+    _check(ray.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: retry forever)")
+
+
+def to_yaml(cfg: GlareConfig) -> str:
+    """The resolved config as YAML (what every run saves as ``config.yaml``)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: GlareConfig) -> dict[str, Any]:
+    """The config as plain nested dicts (for Ray, JSON and Tune)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> GlareConfig:
+    """Rebuild a validated config from :func:`to_dict`'s output."""
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GlareConfig), data))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config key {getattr(err, 'full_key', None)!r}: {err.msg}") from None
+    assert isinstance(cfg, GlareConfig)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,1 @@
+"""Data: Ray Data pre-training sources, labelled segmentation readers and the embedded mosaic."""

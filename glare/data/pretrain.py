@@ -1,0 +1,249 @@
+"""Unlabelled pre-training images as a Ray Data dataset of fixed-size uint8 RGB arrays.
+
+:func:`build_pretrain_dataset` turns a source (a folder, a glob, a .txt list, a
+.parquet file of encoded images, or any URI Ray Data reads) into rows
+``{"image": uint8 (base_size, base_size, 3)}``: decoded, converted to RGB,
+short side resized to ``base_size`` and centre-cropped. The views are made
+later, on the training device.
+
+Files that cannot be decoded are skipped, logged with ``logging.warning`` and
+recorded in a small named Ray actor; :func:`skipped_images` returns them to
+the driver, e.g. at the end of a run. A source that is missing or holds no
+images raises :class:`DataError` before any training starts.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+from PIL import Image, ImageOps
+
+from glare.data.segmentation import IMAGE_EXTENSIONS, DataError
+
+__all__ = ["DataError", "build_pretrain_dataset", "decode_image", "skipped_images"]
+
+logger = logging.getLogger(__name__)
+
+SKIP_LOG_NAME = "glare_skipped_images"
+# Rows per block when the set is large; small sets get at least two blocks per CPU instead.
+_ROWS_PER_BLOCK = 64
+_GLOB_CHARS = "*?["
+
+
+@ray.remote(num_cpus=0)  # bookkeeping only: never hold a CPU that a decode task could use
+class _SkipLog:
+    """Images skipped while decoding, per source, with the reason (one entry per image across epochs)."""
+
+    def __init__(self) -> None:
+        self._skipped: dict[tuple[str, str], str] = {}
+
+    def add(self, source: str, name: str, reason: str) -> bool:
+        """Record a skip; True the first time this image is skipped."""
+        new = (source, name) not in self._skipped
+        self._skipped.setdefault((source, name), reason)
+        return new
+
+    def items(self, source: str | None) -> list[tuple[str, str]]:
+        return [(name, reason) for (src, name), reason in self._skipped.items() if source in (None, src)]
+
+
+def skipped_images(source: str | None = None) -> list[tuple[str, str]]:
+    """(name, reason) of every image skipped so far in this Ray job, optionally only those of ``source``.
+
+    A name is a file path, or ``<parquet file>#sha1=<digest>`` for a parquet row;
+    ``source`` is the string given to :func:`build_pretrain_dataset`.
+    """
+    if not ray.is_initialized():
+        return []
+    try:
+        log = ray.get_actor(SKIP_LOG_NAME)
+    except ValueError:  # no dataset has been built in this job
+        return []
+    return ray.get(log.items.remote(source))
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Decode encoded image bytes to (size, size, 3) uint8 RGB: short side to ``size``, centre crop.
+
+    Raises whatever PIL raises for bytes that are not a readable image.
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        # Let JPEG decode at a reduced scale when the file is much larger than needed.
+        img.draft("RGB", (size, size))
+        rgb = ImageOps.exif_transpose(img).convert("RGB")
+    return np.asarray(ImageOps.fit(rgb, (size, size), method=Image.Resampling.BILINEAR))
+
+
+def _payload(batch: dict[str, np.ndarray], column: str | None, i: int, rows_are_files: bool) -> tuple[str, bytes]:
+    """Name and encoded bytes of row ``i``: read from its path, or taken from ``column``.
+
+    A row of a parquet file has no name of its own: the file's path plus a hash of the bytes names it.
+    """
+    path = str(batch["path"][i])
+    if column is None:
+        return path, Path(path).read_bytes()
+    value = batch[column][i]
+    if isinstance(value, dict):  # Hugging Face-style image struct {"bytes": ..., "path": ...}
+        value = value.get("bytes")
+    if not isinstance(value, bytes | bytearray):
+        raise TypeError(f"column {column!r} holds {type(value).__name__}, not encoded image bytes")
+    name = path if rows_are_files else f"{path}#sha1={hashlib.sha1(value).hexdigest()[:12]}"
+    return name, bytes(value)
+
+
+def _decode_batch(
+    batch: dict[str, np.ndarray], *, size: int, column: str | None, rows_are_files: bool, source: str, skip_log: Any
+) -> dict[str, np.ndarray]:
+    """Ray Data map: decode a batch, dropping (and recording) rows that fail."""
+    images = []
+    for i in range(len(batch["path"])):
+        name = str(batch["path"][i])
+        try:
+            name, data = _payload(batch, column, i, rows_are_files)
+            images.append(decode_image(data, size))
+        except Exception as err:  # any failure on one file (missing, truncated, not an image) skips just that file
+            reason = f"{type(err).__name__}: {err}"
+            # Blocking: the record exists once the task is done. Warn once, not every epoch.
+            if ray.get(skip_log.add.remote(source, name, reason)):
+                logger.warning("skipping image %s: %s", name, reason)
+    if not images:
+        return {"image": np.empty((0, size, size, 3), np.uint8)}
+    return {"image": np.stack(images)}
+
+
+def _num_blocks(n: int) -> int:
+    """Enough blocks to keep every CPU busy on a small set; ~64 rows per block on a large one."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(n, max(2 * cpus, math.ceil(n / _ROWS_PER_BLOCK))))
+
+
+def _local_files(source: str) -> list[Path]:
+    """The image files a local folder, glob, .txt list or single image names; DataError if none."""
+    path = Path(source).expanduser()
+    if any(ch in source for ch in _GLOB_CHARS):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if os.path.isfile(p))
+        if not files:
+            raise DataError(f"no files match the pre-training pattern {source!r}")
+        return files
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under the pre-training folder {path}")
+        return files
+    if path.is_file() and path.suffix.lower() == ".txt":
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        files = [path.parent / ln for ln in lines if ln and not ln.startswith("#")]  # absolute ln wins in `/`
+        if not files:
+            raise DataError(f"the pre-training list {path} names no images")
+        # Missing entries are skipped (and named) while decoding; a list of only missing ones is an error now.
+        if not any(f.is_file() for f in files):
+            raise DataError(f"none of the {len(files)} files listed in {path} exist (e.g. {files[0]})")
+        return files
+    if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+        return [path]
+    if not path.exists():
+        raise DataError(f"pre-training source not found: {source}")
+    raise DataError(f"unsupported pre-training source {source}: expected a folder, a glob, a .txt list, "
+                    "a .parquet file or a URI")
+
+
+def _check_parquet(path: Path, column: str) -> int:
+    """Row count of a local parquet file whose ``column`` holds encoded images."""
+    try:
+        schema = pq.read_schema(path)
+        rows = pq.read_metadata(path).num_rows
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"cannot read parquet {path}: {err}") from None
+    if column not in schema.names:
+        raise DataError(f"parquet {path} has no column {column!r} (columns: {', '.join(schema.names)}); "
+                        "set data.image_column")
+    kind = schema.field(column).type
+    is_struct_with_bytes = pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
+    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or is_struct_with_bytes):
+        raise DataError(f"parquet {path} column {column!r} has type {kind}; expected encoded image bytes")
+    if rows == 0:
+        raise DataError(f"parquet {path} has no rows")
+    return rows
+
+
+def _read(source: str, image_column: str) -> tuple[ray.data.Dataset, str | None, bool]:
+    """Encoded images with a ``path`` column.
+
+    Returns the dataset, the column holding the bytes (None: read each row's path)
+    and whether every row is a whole file (else rows of a parquet file).
+    """
+    if "://" in source:
+        # Remote data can be huge: keep Ray's own file-based blocking, no repartition.
+        try:
+            if source.rstrip("/").endswith(".parquet"):
+                return ray.data.read_parquet(source, columns=[image_column], include_paths=True), image_column, False
+            exts = [e.lstrip(".") for e in IMAGE_EXTENSIONS]
+            return ray.data.read_binary_files(source, include_paths=True, file_extensions=exts), "bytes", True
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot read pre-training source {source}: {err}") from None
+    path = Path(source).expanduser()
+    if path.suffix.lower() == ".parquet":
+        if not path.is_file():
+            raise DataError(f"pre-training source not found: {source}")
+        rows = _check_parquet(path, image_column)
+        ds = ray.data.read_parquet(str(path), columns=[image_column], include_paths=True)
+        return ds.repartition(_num_blocks(rows)), image_column, False
+    files = _local_files(source)
+    items = [{"path": str(p)} for p in files]
+    return ray.data.from_items(items, override_num_blocks=_num_blocks(len(items))), None, True
+
+
+def build_pretrain_dataset(
+    source: str, base_size: int, image_column: str = "image", materialize: bool = False
+) -> ray.data.Dataset:
+    """Unlabelled images as rows ``{"image": uint8 (base_size, base_size, 3)}``.
+
+    Args:
+        source: a folder (searched recursively for image files), a glob pattern, a
+            ``.txt`` file listing image paths (one per line, relative to the list's
+            folder or absolute), a ``.parquet`` file whose ``image_column``
+            holds encoded images, or a URI Ray Data reads (``s3://``, ``gs://``; a
+            ``.parquet`` URI is read as parquet, anything else as image files).
+            For the embedded mosaic, pass its ``unlabelled`` folder.
+        base_size: side of the square uint8 images the rows hold.
+        image_column: the parquet column with the encoded images.
+        materialize: decode everything now and keep it in the object store
+            (fast epochs for sets that fit; also checks that at least one image
+            decodes).
+
+    Raises:
+        DataError: the source is missing, names no images, is a parquet file
+            without a usable ``image_column``, or (with ``materialize``) no image
+            in it decodes.
+    """
+    if base_size < 1:
+        raise DataError(f"base_size must be >= 1, got {base_size}")
+    if not ray.is_initialized():
+        ray.init()
+    skip_log = _SkipLog.options(name=SKIP_LOG_NAME, get_if_exists=True).remote()
+    encoded, column, rows_are_files = _read(source, image_column)
+    ds = encoded.map_batches(
+        _decode_batch,
+        fn_kwargs={"size": base_size, "column": column, "rows_are_files": rows_are_files, "source": source,
+                   "skip_log": skip_log},
+        batch_size=None,  # one task per block: keeps the blocks made above as the unit of parallelism
+        batch_format="numpy",
+    )
+    if materialize:
+        ds = ds.materialize()
+        if ds.count() == 0:
+            examples = "; ".join(f"{n} ({r})" for n, r in skipped_images(source)[:3])
+            raise DataError(f"no image in the pre-training source {source} could be decoded (e.g. {examples})")
+    return ds

@@ -1,0 +1,1 @@
+"""Training engine: the per-worker loop, schedules and checkpoints."""

@@ -1,0 +1,292 @@
+"""The per-worker train function that Ray Train's TorchTrainer runs on every worker.
+
+It does schedules, the optimiser, checkpoints, logging and evaluation; the
+method itself is :meth:`GlareModel.forward_backward` / ``update_teacher``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from glare.config import GlareConfig, from_dict
+from glare.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from glare.engine.schedules import cosine, warmup_cosine
+from glare.models.glare import GlareModel, build_model
+
+log = logging.getLogger("glare.train")
+
+
+@dataclass
+class LoopState:
+    """Counters that a checkpoint carries besides the weights."""
+
+    step: int = 0
+    images_seen: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed: the data position
+    nonfinite_total: int = 0
+    nonfinite_run: int = 0
+    miou_before: float = float("nan")
+    miou_last: float = float("nan")
+    train_seconds: float = 0.0
+
+
+def build_optimizer(model: GlareModel, cfg: GlareConfig, world_size: int) -> torch.optim.Optimizer:
+    """AdamW on the student's parameters; biases, norms and scales get no weight decay."""
+    decay, no_decay = [], []
+    for p in model.trainable_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=scaled_lr(cfg, world_size))
+
+
+def scaled_lr(cfg: GlareConfig, world_size: int) -> float:
+    """The linear scaling rule: ``optim.lr`` is per 256 images of global batch."""
+    return cfg.optim.lr * cfg.train.batch_size * world_size / 256.0
+
+
+def set_schedules(optimizer: torch.optim.Optimizer, cfg: GlareConfig, step: int, world_size: int
+                  ) -> tuple[float, float]:
+    """Write the step's lr and weight decay into the optimiser; return both."""
+    o, steps = cfg.optim, cfg.train.steps
+    lr = warmup_cosine(step, steps, scaled_lr(cfg, world_size), o.min_lr, o.warmup_steps)
+    wd = cosine(step, steps, o.weight_decay, o.weight_decay_end)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group.get("apply_wd"):
+            group["weight_decay"] = wd
+    return lr, wd
+
+
+def train_step(model: GlareModel, runner: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               images: torch.Tensor, step: int, cfg: GlareConfig) -> tuple[dict[str, float], bool]:
+    """One step: forward/backward, clip, and (only if everything is finite) update and EMA.
+
+    Gradients are all-reduced before the finiteness check, so every worker
+    takes the same decision and the replicas never diverge.
+    """
+    metrics = model.forward_backward(images, step, runner, amp=cfg.train.amp)
+    params = model.trainable_parameters()
+    max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    ok = math.isfinite(grad_norm) and math.isfinite(metrics["loss"])
+    if ok:
+        optimizer.step()
+        metrics["momentum"] = model.update_teacher(step)
+    optimizer.zero_grad(set_to_none=True)
+    metrics["grad_norm"] = grad_norm
+    return metrics, ok
+
+
+def model_state(model: GlareModel) -> dict[str, Any]:
+    """What trains and nothing else: student, teacher (EMA) and the loss centres."""
+    return {"student": model.student.state_dict(), "teacher": model.teacher.state_dict(),
+            "losses": model.losses.state_dict()}
+
+
+def load_model_state(model: GlareModel, state: dict[str, Any]) -> None:
+    model.student.load_state_dict(state["student"])
+    model.teacher.load_state_dict(state["teacher"])
+    model.losses.load_state_dict(state["losses"])
+
+
+def _mean_across_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+class RunLog:
+    """metrics.jsonl + TensorBoard in the run directory, written by rank 0 only."""
+
+    def __init__(self, run_dir: Path | None) -> None:
+        self.run_dir = run_dir
+        self.tb = None
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if self.run_dir is None:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(key, value, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def evaluate(model: GlareModel, cfg: GlareConfig, device: torch.device, data: Any) -> float:
+    """The linear-probe mIoU of the student's features (rank 0)."""
+    from glare.eval.protocol import run_probe
+
+    fn = lambda x: model.dense_features(x, cfg.eval.last_blocks)  # noqa: E731
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            result = run_probe(fn, data, cfg.eval, device)
+    finally:
+        model.train(was_training)
+    return float(result.miou)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``config`` = {"cfg": dict, "run_dir": str}."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed + rank)
+
+    model = build_model(cfg).to(device)
+    model.train()
+    runner = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    optimizer = build_optimizer(model, cfg, world)
+    state = LoopState()
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            saved = load_checkpoint(d, map_location=device)
+        load_model_state(model, saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = LoopState(**saved["loop"])
+        set_rng_state(saved["rng"][min(rank, len(saved["rng"]) - 1)])
+        log.info("resumed from step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
+
+    run_dir = Path(config["run_dir"]) if rank == 0 else None
+    runlog = RunLog(run_dir)
+    probe_data = None
+    if rank == 0:
+        from glare.eval.protocol import load_probe_data
+
+        probe_data = load_probe_data(cfg.data, cfg.eval)
+        if math.isnan(state.miou_before):
+            state.miou_before = evaluate(model, cfg, device, probe_data)
+            state.miou_last = state.miou_before
+            print(f"[glare] mIoU before: {100 * state.miou_before:.2f}", flush=True)
+
+    def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
+        payload = {**metrics, "step": state.step, "miou": state.miou_last, "miou_before": state.miou_before,
+                   "images_seen": state.images_seen, "nonfinite_steps": state.nonfinite_total}
+        if not with_checkpoint:
+            ray.train.report(payload)
+            return
+        rngs = [None] * world
+        if dist.is_available() and dist.is_initialized():
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(tmp, {"model": model_state(model), "optimizer": optimizer.state_dict(),
+                                      "loop": asdict(state), "rng": rngs})
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(payload, checkpoint=ckpt)
+
+    shard = ray.train.get_dataset_shard("train")
+    batch = cfg.train.batch_size
+    window_t, window_images, last = time.perf_counter(), 0, {}
+    stop_reason = ""
+    while state.step < cfg.train.steps and not stop_reason:
+        skip = state.batch_in_epoch
+        got_batch = False
+        for i, row in enumerate(shard.iter_torch_batches(batch_size=batch, drop_last=True)):
+            if i < skip:  # resume at the data position of the checkpoint
+                continue
+            got_batch = True
+            images = row["image"].to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+            set_schedules(optimizer, cfg, state.step, world)
+            t0 = time.perf_counter()
+            metrics, ok = train_step(model, runner, optimizer, images, state.step, cfg)
+            state.train_seconds += time.perf_counter() - t0
+            state.batch_in_epoch = i + 1
+            if ok:
+                state.nonfinite_run = 0
+            else:
+                state.nonfinite_total += 1
+                state.nonfinite_run += 1
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
+                            state.step, state.nonfinite_run)
+                if state.nonfinite_run >= cfg.train.max_nonfinite:
+                    stop_reason = (f"{state.nonfinite_run} consecutive non-finite steps at step {state.step}; "
+                                   "stopped with the last good checkpoint intact (lower optim.lr?)")
+                    break
+                continue
+            state.step += 1
+            state.images_seen += batch * world
+            window_images += batch * world
+            step = state.step
+
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                elapsed = time.perf_counter() - window_t
+                last = _mean_across_workers({k: v for k, v in metrics.items()}, device)
+                last.update(lr=optimizer.param_groups[0]["lr"], weight_decay=optimizer.param_groups[0]["weight_decay"],
+                            images_per_s=window_images / max(elapsed, 1e-9))
+                window_t, window_images = time.perf_counter(), 0
+                runlog.write(step, last)
+                if rank == 0:
+                    terms = " ".join(f"{k}={last[k]:.3f}" for k in ("glob", "reg", "loc1", "loc2") if k in last)
+                    print(f"[glare] step {step}/{cfg.train.steps} loss={last['loss']:.3f} {terms} "
+                          f"lr={last['lr']:.2e} {last['images_per_s']:.1f} img/s", flush=True)
+            evaluate_now = cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps
+            if evaluate_now and rank == 0:
+                state.miou_last = evaluate(model, cfg, device, probe_data)
+                runlog.write(step, {"miou": state.miou_last})
+                print(f"[glare] step {step} mIoU: {100 * state.miou_last:.2f}", flush=True)
+            if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
+                report(last, with_checkpoint=True)
+            elif evaluate_now:
+                report(last, with_checkpoint=False)
+            if step >= cfg.train.steps:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            if not got_batch and skip == 0:
+                raise RuntimeError(f"the training data yields no full batch of {batch} images per worker; "
+                                   "lower train.batch_size or add images")
+
+    final: dict[str, Any] = dict(last)
+    if rank == 0:
+        if not stop_reason:
+            state.miou_last = evaluate(model, cfg, device, probe_data)
+            print(f"[glare] mIoU after: {100 * state.miou_last:.2f} (before {100 * state.miou_before:.2f})",
+                  flush=True)
+            from glare.weights.export import save_export
+
+            adapted = model.export("student")
+            save_export(adapted, run_dir / "export" / "backbone.safetensors", cfg.model)
+            save_export(adapted, run_dir / "export" / "backbone_mmseg.safetensors", cfg.model, layout="mmseg")
+        runlog.write(state.step, {"miou": state.miou_last})
+        final.update(trainable_params=sum(p.numel() for p in model.trainable_parameters()),
+                     backbone_params=sum(p.numel() for p in model.backbone.parameters()),
+                     train_seconds=state.train_seconds)
+    runlog.close()
+    final.update(stop_reason=stop_reason, done=1)
+    report(final, with_checkpoint=not stop_reason)

@@ -1,0 +1,226 @@
+"""The GLARE model: one frozen backbone, student and teacher adapter sets, heads and losses.
+
+The train loop only calls :meth:`GlareModel.forward_backward` and
+:meth:`GlareModel.update_teacher`; everything the method does between an
+image batch and a gradient lives here.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from torch import nn
+
+from glare.augment import distort_patches, make_views, map_patch_mask, match_patches, region_queries, sample_regions
+from glare.config import ConfigError, GlareConfig
+from glare.engine.schedules import cosine, linear_warmup
+from glare.losses import GlobalLoss, InterViewLocalLoss, PatchConsistencyLoss, RegionalLoss
+from glare.models.adapter import build_adapters
+from glare.models.heads import DinoHead
+from glare.models.region_attention import RegionCrossAttention
+from glare.models.vit import AdaptedViT, Features, create_backbone, encode
+
+Branch = Literal["student", "teacher"]
+
+
+class GlareModel(nn.Module):
+    """Student/teacher ViT over ONE frozen backbone; only the adapter sets differ.
+
+    ``student`` holds what trains (adapters, DINO heads, region cross-attention);
+    ``teacher`` is its EMA copy. Modules a zero-weighted loss term would use are
+    not built, so every parameter gets a gradient (DDP needs no
+    ``find_unused_parameters``) and a switched-off term costs nothing.
+    """
+
+    def __init__(self, cfg: GlareConfig, backbone: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone.requires_grad_(False)
+        dim, depth = backbone.embed_dim, len(backbone.blocks)
+        heads = backbone.blocks[-1].attn.num_heads
+        lo, reg = cfg.loss, cfg.region
+        if lo.reg > 0 and reg.num_regions > heads:
+            raise ConfigError(f"config key 'region.num_regions': {reg.num_regions} regions need as many attention "
+                              f"heads, but {cfg.model.arch} has {heads}")
+        if cfg.model.global_token >= backbone.num_prefix_tokens:
+            raise ConfigError(f"config key 'model.global_token': {cfg.model.global_token} is not a prefix token "
+                              f"({backbone.num_prefix_tokens} in {cfg.model.arch})")
+        self.patch_size = int(backbone.patch_embed.patch_size[0])
+        if cfg.augment.view_size % self.patch_size:
+            raise ConfigError(f"config key 'augment.view_size': {cfg.augment.view_size} is not a multiple of the "
+                              f"patch size {self.patch_size}")
+
+        student = nn.ModuleDict({"adapters": build_adapters(dim, depth, cfg.model.adapter)})
+        if lo.glob > 0 or lo.reg > 0:
+            student["head"] = DinoHead(dim, cfg.model.head)
+        if lo.loc1 > 0 or lo.loc2 > 0:
+            student["local_head"] = DinoHead(dim, cfg.model.head)
+        if lo.reg > 0 and reg.correspondence == "cross_attention":
+            student["cross_attention"] = RegionCrossAttention(dim)
+        self.student = student
+        self.teacher = copy.deepcopy(student).requires_grad_(False)
+
+        k, args = cfg.model.head.out_dim, (lo.student_temp, lo.center_momentum)
+        terms = {"glob": GlobalLoss, "reg": RegionalLoss, "loc1": PatchConsistencyLoss, "loc2": InterViewLocalLoss}
+        self.losses = nn.ModuleDict({name: cls(k, *args) for name, cls in terms.items() if getattr(lo, name) > 0})
+
+    # ----------------------------------------------------------------- encoders
+    def features(self, images: torch.Tensor, branch: Branch = "student", *, attention: bool = False,
+                 blocks: tuple[int, ...] = ()) -> Features:
+        """Tokens of images in [0, 1] through the student's or the teacher's adapters.
+
+        ``attention=True`` adds the last block's global-token -> patch attention
+        of every head (computed only then).
+        """
+        adapters = getattr(self, branch)["adapters"]
+        return encode(self.backbone, adapters, images, attention=attention,
+                      global_token=self.cfg.model.global_token, blocks=blocks)
+
+    def dense_features(self, images: torch.Tensor, last_blocks: int = 1, branch: Branch = "student"
+                       ) -> torch.Tensor:
+        """Patch features of the last ``last_blocks`` blocks, concatenated: (B, C, rows, cols)."""
+        depth = len(self.backbone.blocks)
+        return self.features(images, branch, blocks=tuple(range(depth - last_blocks, depth))).dense()
+
+    def export(self, branch: Branch = "student") -> AdaptedViT:
+        """A standalone adapted ViT (backbone + one adapter set; heads and cross-attention dropped)."""
+        return AdaptedViT(copy.deepcopy(self.backbone), copy.deepcopy(getattr(self, branch)["adapters"]))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimiser updates: the student's adapters, heads and cross-attention."""
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------- schedules
+    def teacher_temp(self, step: int) -> float:
+        lo = self.cfg.loss
+        return linear_warmup(step, lo.teacher_temp_warmup_steps, lo.teacher_temp_start, lo.teacher_temp)
+
+    def momentum(self, step: int) -> float:
+        m = self.cfg.model
+        return cosine(step, self.cfg.train.steps, m.momentum_start, m.momentum_end)
+
+    # ---------------------------------------------------------------- training
+    def forward(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        """Views -> teacher (clean) and student (distorted) passes -> weighted loss terms.
+
+        ``images``: uint8 (B, 3, H, W) on the training device. Returns ``loss``
+        (the weighted total) and one entry per active term.
+        """
+        cfg, aug = self.cfg, self.cfg.augment
+        lo, b = cfg.loss, images.shape[0]
+        views = make_views(images, aug)
+        clean = torch.cat([views.x1, views.x2])
+        distorted, mask = distort_patches(clean, self.patch_size, aug.patch_fraction, tuple(aug.blur_sigma),
+                                          aug.patch_noise_p, aug.patch_noise_std, aug.patch_jitter_p)
+        with torch.no_grad():
+            t = self.features(clean, "teacher", attention="reg" in self.losses)
+        s = self.features(distorted, "student")
+        temp = self.teacher_temp(step)
+        g = cfg.model.global_token
+        geometry = (views.box1, views.flip1, views.box2, views.flip2, aug.view_size, self.patch_size)
+        reverse = (views.box2, views.flip2, views.box1, views.flip1, aug.view_size, self.patch_size)
+        out: dict[str, torch.Tensor] = {}
+
+        if "glob" in self.losses:
+            out["glob"] = self.losses["glob"](
+                s.prefix[:, g].split(b), t.prefix[:, g].split(b),
+                self.student["head"], self.teacher["head"], temp)
+        if "reg" in self.losses:
+            out["reg"] = self.losses["reg"](*self._regions(s, t, b, geometry, reverse),
+                                            self.student["head"], self.teacher["head"], temp)
+        if "loc1" in self.losses:
+            out["loc1"] = self.losses["loc1"](s.patches, t.patches, mask,
+                                              self.student["local_head"], self.teacher["local_head"], temp)
+        if "loc2" in self.losses:
+            c12, in12 = match_patches(*geometry)
+            c21, in21 = match_patches(*reverse)
+            t1, t2 = t.patch_map().split(b)
+            out["loc2"] = self.losses["loc2"](s.patches, torch.cat([t2, t1]), torch.cat([c12, c21]),
+                                              torch.cat([in12, in21]), self.student["local_head"],
+                                              self.teacher["local_head"], temp)
+        out["loss"] = sum(getattr(lo, name) * value for name, value in out.items())
+        return out
+
+    def _regions(self, s: Features, t: Features, b: int, geometry: tuple, reverse: tuple
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Student and teacher region representations (2B, R, D) for both view directions, and validity."""
+        reg = self.cfg.region
+        assert t.cls_attn is not None
+        masks = sample_regions(t.cls_attn, reg.num_regions, reg.top_q)  # (2B, R, N): view 1 then view 2
+        q_s = region_queries(s.patches, masks)
+        q_t = region_queries(t.patches, masks)
+        t_other = torch.cat(t.patches.split(b)[::-1])  # for view 1 rows: tokens of view 2, and vice versa
+        if reg.correspondence == "cross_attention":
+            rep_s = self.student["cross_attention"](q_s, s.patches)
+            with torch.no_grad():
+                rep_t = self.teacher["cross_attention"](q_t, t_other)
+            valid = torch.ones(masks.shape[:2], dtype=torch.bool, device=masks.device)
+            return rep_s, rep_t, valid
+        m1, m2 = masks.split(b)
+        mapped = torch.cat([_map_regions(m1, geometry), _map_regions(m2, reverse)])
+        with torch.no_grad():
+            rep_t = region_queries(t_other, mapped)
+        return q_s, rep_t, mapped.any(dim=-1)
+
+    def forward_backward(self, images: torch.Tensor, step: int, runner: nn.Module | None = None,
+                         amp: bool = False) -> dict[str, float]:
+        """One training forward and backward; returns the loss terms as floats.
+
+        ``runner`` is this model's DDP wrapper when distributed: calling the
+        forward through it is what makes DDP all-reduce the gradients. The
+        backward always runs, even on a non-finite loss, so every worker takes
+        part in the same all-reduce; the caller then sees non-finite gradients
+        (identical on every worker) and skips the step. ``amp`` runs the forward
+        in bf16 autocast on CUDA (ignored elsewhere).
+        """
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp and images.is_cuda):
+            out = (runner or self)(images, step)
+        out["loss"].backward()
+        metrics = {name: float(value.detach()) for name, value in out.items()}
+        metrics["teacher_temp"] = self.teacher_temp(step)
+        first = next(iter(self.losses.values()))
+        metrics["teacher_entropy"] = first.last_entropy
+        metrics["teacher_sample_entropy"] = first.last_sample_entropy
+        return metrics
+
+    @torch.no_grad()
+    def update_teacher(self, step: int) -> float:
+        """EMA of the student into the teacher with the step's momentum; returns it."""
+        m = self.momentum(step)
+        student = [p.detach() for p in self.student.parameters()]
+        teacher = [p for p in self.teacher.parameters()]
+        torch._foreach_mul_(teacher, m)
+        torch._foreach_add_(teacher, student, alpha=1.0 - m)
+        return m
+
+
+def _map_regions(masks: torch.Tensor, geometry: tuple) -> torch.Tensor:
+    """Map (B, R, N) region masks into the other view's grid (nearest patch), region by region."""
+    b, r, n = masks.shape
+    box_src, flip_src, box_dst, flip_dst, *rest = geometry
+    per_region = (t.repeat_interleave(r, dim=0) for t in (box_src, flip_src, box_dst, flip_dst))
+    return map_patch_mask(masks.reshape(b * r, n), *per_region, *rest).reshape(b, r, n)
+
+
+def build_model(cfg: GlareConfig) -> GlareModel:
+    """Build the GLARE model: timm backbone, weights per ``cfg.model.weights``, adapters, heads, losses.
+
+    A checkpoint's DINO head (if any) initialises both heads; adapters in one of
+    our exports initialise both adapter sets (continuing a previous run).
+    """
+    from glare.weights import load_backbone  # heavy (onnx/safetensors) only when building
+
+    backbone = create_backbone(cfg.model)
+    loaded = None
+    if cfg.model.weights != "none":
+        loaded = load_backbone(backbone, cfg.model.weights)
+    model = GlareModel(cfg, backbone)
+    if loaded is not None:
+        if loaded.head and "head" in model.student:
+            model.student["head"].load_dino_state(loaded.head)
+        if loaded.adapters:
+            model.student["adapters"].load_state_dict(loaded.adapters)
+        model.teacher.load_state_dict(model.student.state_dict())
+    return model

@@ -1,0 +1,127 @@
+"""Exports of the adapted backbone (safetensors) and loading them back.
+
+Two layouts of the same tensors:
+- ``timm``: timm's ViT keys plus ``blocks.{i}.adapter.*``; :func:`load_pretrained`
+  rebuilds an :class:`~glare.models.AdaptedViT` from it alone (the model
+  settings travel in the file's metadata);
+- ``mmseg``: the same keys under ``backbone.``, what an mmsegmentation
+  ``init_cfg=dict(type='Pretrained', checkpoint=..., prefix='backbone.')`` reads.
+Every export is re-read and checked key for key before it is reported written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from glare.config import AdapterConfig, ModelConfig
+
+FORMAT = "glare-export-v1"
+_ADAPTER_KEY = re.compile(r"^blocks\.(\d+)\.adapter\.(.+)$")
+
+
+class ExportError(ValueError):
+    """An export file is not ours, or does not match the model it describes."""
+
+
+def export_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The flat ``timm`` layout of an AdaptedViT: backbone keys + ``blocks.{i}.adapter.*``."""
+    state = {k: v for k, v in model.vit.state_dict().items()}
+    for key, value in model.adapters.state_dict().items():
+        index, rest = key.split(".", 1)
+        state[f"blocks.{index}.adapter.{rest}"] = value
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def split_adapter_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split an export's state into (backbone state, adapter ModuleList state ``{i}.{name}``)."""
+    backbone, adapters = {}, {}
+    for key, value in state.items():
+        m = _ADAPTER_KEY.match(key)
+        if m:
+            adapters[f"{m.group(1)}.{m.group(2)}"] = value
+        else:
+            backbone[key] = value
+    return backbone, adapters
+
+
+def save_export(model: torch.nn.Module, path: str | Path, model_cfg: ModelConfig,
+                layout: Literal["timm", "mmseg"] = "timm") -> Path:
+    """Write an AdaptedViT as safetensors (atomically), re-read it and check every key."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = export_state(model)
+    prefix = "backbone." if layout == "mmseg" else ""
+    tensors = {prefix + k: v for k, v in state.items()}
+    meta = {
+        "format": FORMAT,
+        "layout": layout,
+        "arch": model_cfg.arch,
+        "img_size": str(model_cfg.img_size),
+        "global_token": str(model_cfg.global_token),
+        "timm_kwargs": json.dumps(dict(model_cfg.timm_kwargs)),
+        "adapter": json.dumps(dataclasses.asdict(model_cfg.adapter)),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    with safe_open(str(path), framework="pt") as f:
+        written = set(f.keys())
+    if written != set(tensors):
+        raise ExportError(f"export {path} lost keys: {sorted(set(tensors) ^ written)[:10]}")
+    return path
+
+
+def read_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (``backbone.`` prefix stripped) and metadata of one of our exports."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"no export at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for non-safetensors files
+        raise ExportError(f"{path} is not a safetensors file: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise ExportError(f"{path} is not a GLARE export (metadata format={meta.get('format')!r}); "
+                          "load foreign checkpoints through model.weights instead")
+    if meta.get("layout") == "mmseg":
+        state = {k.removeprefix("backbone."): v for k, v in state.items()}
+    return state, meta
+
+
+def model_config_from_meta(meta: dict[str, str]) -> ModelConfig:
+    """The ModelConfig an export was written with."""
+    return ModelConfig(
+        arch=meta["arch"], weights="none", img_size=int(meta["img_size"]),
+        global_token=int(meta.get("global_token", 0)), timm_kwargs=json.loads(meta["timm_kwargs"]),
+        adapter=AdapterConfig(**json.loads(meta["adapter"])),
+    )
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the adapted ViT an export holds; every key must match (strict).
+
+    The model accepts any input size (timm's ``dynamic_img_size``).
+    """
+    from glare.models.vit import AdaptedViT, create_backbone
+
+    state, meta = read_export(path)
+    cfg = model_config_from_meta(meta)
+    model = AdaptedViT(create_backbone(cfg), adapter_cfg=cfg.adapter)
+    backbone, adapters = split_adapter_keys(state)
+    for part, module, sd in (("backbone", model.vit, backbone), ("adapters", model.adapters, adapters)):
+        missing, unexpected = module.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ExportError(f"{path}: {part} keys do not match the model: missing {missing[:10]}, "
+                              f"unexpected {unexpected[:10]}")
+    return model.to(device).eval()
