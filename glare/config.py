@@ -57,6 +57,9 @@ class ModelConfig:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     # Which prefix token feeds the global loss (0 = [CLS]; UDI's image-level token).
     global_token: int = 0
+    # "adapters": GLARE's setting, frozen backbone + UniAdapters. "full": the whole
+    # student backbone trains (teacher = its EMA), the forgetting-prone baseline.
+    tune: str = "adapters"
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     momentum_start: float = 0.996
@@ -266,6 +269,7 @@ def validate(cfg: GlareConfig) -> None:
     m, lo, r, a, d, o, t, e, ray = (
         cfg.model, cfg.loss, cfg.region, cfg.augment, cfg.data, cfg.optim, cfg.train, cfg.eval, cfg.ray,
     )
+    _check(m.tune in ("adapters", "full"), "model.tune", f"must be 'adapters' or 'full', got {m.tune!r}")
     _check(m.adapter.bottleneck >= 1, "model.adapter.bottleneck", f"must be >= 1, got {m.adapter.bottleneck}")
     _check(m.img_size >= 8, "model.img_size", f"must be >= 8, got {m.img_size}")
     _check(m.global_token >= 0, "model.global_token", f"must be >= 0, got {m.global_token}")

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +87,12 @@ def pretrain_dataset(cfg: GlareConfig):
     return build_pretrain_dataset(source, cfg.data.base_size, cfg.data.image_column, materialize=cfg.data.materialize)
 
 
-def run(cfg: GlareConfig) -> dict[str, Any]:
-    """Train with Ray Train's TorchTrainer and write the run directory; returns ``summary.json``'s content."""
+def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train with Ray Train's TorchTrainer and write the run directory; returns ``summary.json``'s content.
+
+    ``callbacks`` go to the trainer's RunConfig (a Tune trial passes Ray's
+    ``TuneReportCallback`` so every report reaches the sweep).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -117,6 +122,7 @@ def run(cfg: GlareConfig) -> dict[str, Any]:
             name=name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
         ),
         datasets={"train": dataset},
     )

@@ -144,8 +144,7 @@ def evaluate(model: GlareModel, cfg: GlareConfig, device: torch.device, data: An
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            result = run_probe(fn, data, cfg.eval, device)
+        result = run_probe(fn, data, cfg.eval, device)  # extracts features under no_grad itself
     finally:
         model.train(was_training)
     return float(result.miou)

@@ -29,7 +29,9 @@ class GlareModel(nn.Module):
     """Student/teacher ViT over ONE frozen backbone; only the adapter sets differ.
 
     ``student`` holds what trains (adapters, DINO heads, region cross-attention);
-    ``teacher`` is its EMA copy. Modules a zero-weighted loss term would use are
+    ``teacher`` is its EMA copy. With ``model.tune=full`` (the baseline GLARE is
+    measured against) there are no adapters: the student owns a trainable copy
+    of the whole backbone and the teacher an EMA copy of it. Modules a zero-weighted loss term would use are
     not built, so every parameter gets a gradient (DDP needs no
     ``find_unused_parameters``) and a switched-off term costs nothing.
     """
@@ -37,7 +39,8 @@ class GlareModel(nn.Module):
     def __init__(self, cfg: GlareConfig, backbone: nn.Module) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = backbone.requires_grad_(False)
+        full = cfg.model.tune == "full"
+        self.frozen_backbone = None if full else backbone.requires_grad_(False)
         dim, depth = backbone.embed_dim, len(backbone.blocks)
         heads = backbone.blocks[-1].attn.num_heads
         lo, reg = cfg.loss, cfg.region
@@ -52,7 +55,10 @@ class GlareModel(nn.Module):
             raise ConfigError(f"config key 'augment.view_size': {cfg.augment.view_size} is not a multiple of the "
                               f"patch size {self.patch_size}")
 
-        student = nn.ModuleDict({"adapters": build_adapters(dim, depth, cfg.model.adapter)})
+        if full:
+            student = nn.ModuleDict({"backbone": backbone.requires_grad_(True)})
+        else:
+            student = nn.ModuleDict({"adapters": build_adapters(dim, depth, cfg.model.adapter)})
         if lo.glob > 0 or lo.reg > 0:
             student["head"] = DinoHead(dim, cfg.model.head)
         if lo.loc1 > 0 or lo.loc2 > 0:
@@ -67,6 +73,11 @@ class GlareModel(nn.Module):
         self.losses = nn.ModuleDict({name: cls(k, *args) for name, cls in terms.items() if getattr(lo, name) > 0})
 
     # ----------------------------------------------------------------- encoders
+    @property
+    def backbone(self) -> nn.Module:
+        """The student's ViT: the shared frozen one, or (``tune=full``) the student's own copy."""
+        return self.frozen_backbone if self.frozen_backbone is not None else self.student["backbone"]
+
     def features(self, images: torch.Tensor, branch: Branch = "student", *, attention: bool = False,
                  blocks: tuple[int, ...] = ()) -> Features:
         """Tokens of images in [0, 1] through the student's or the teacher's adapters.
@@ -74,8 +85,9 @@ class GlareModel(nn.Module):
         ``attention=True`` adds the last block's global-token -> patch attention
         of every head (computed only then).
         """
-        adapters = getattr(self, branch)["adapters"]
-        return encode(self.backbone, adapters, images, attention=attention,
+        part = getattr(self, branch)
+        vit, adapters = (self.frozen_backbone, part["adapters"]) if "adapters" in part else (part["backbone"], None)
+        return encode(vit, adapters, images, attention=attention,
                       global_token=self.cfg.model.global_token, blocks=blocks)
 
     def dense_features(self, images: torch.Tensor, last_blocks: int = 1, branch: Branch = "student"
@@ -85,8 +97,16 @@ class GlareModel(nn.Module):
         return self.features(images, branch, blocks=tuple(range(depth - last_blocks, depth))).dense()
 
     def export(self, branch: Branch = "student") -> AdaptedViT:
-        """A standalone adapted ViT (backbone + one adapter set; heads and cross-attention dropped)."""
-        return AdaptedViT(copy.deepcopy(self.backbone), copy.deepcopy(getattr(self, branch)["adapters"]))
+        """A standalone adapted ViT (backbone + one adapter set; heads and cross-attention dropped).
+
+        With ``tune=full`` the branch's own backbone is exported with identity
+        (zero-initialised) adapters, so every export has the same layout.
+        """
+        part = getattr(self, branch)
+        if "adapters" in part:
+            return AdaptedViT(copy.deepcopy(self.frozen_backbone), copy.deepcopy(part["adapters"]))
+        vit = copy.deepcopy(part["backbone"]).requires_grad_(False)
+        return AdaptedViT(vit, adapter_cfg=self.cfg.model.adapter)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimiser updates: the student's adapters, heads and cross-attention."""
@@ -220,7 +240,7 @@ def build_model(cfg: GlareConfig) -> GlareModel:
     if loaded is not None:
         if loaded.head and "head" in model.student:
             model.student["head"].load_dino_state(loaded.head)
-        if loaded.adapters:
+        if loaded.adapters and "adapters" in model.student:
             model.student["adapters"].load_state_dict(loaded.adapters)
         model.teacher.load_state_dict(model.student.state_dict())
     return model

@@ -125,3 +125,28 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tor
             raise ExportError(f"{path}: {part} keys do not match the model: missing {missing[:10]}, "
                               f"unexpected {unexpected[:10]}")
     return model.to(device).eval()
+
+
+def load_encoder(weights: str | Path, model_cfg: ModelConfig | None = None, device: str | torch.device = "cpu"
+                 ) -> torch.nn.Module:
+    """An AdaptedViT from either one of our exports or an initialisation.
+
+    ``weights`` is a GLARE export (``.safetensors`` written by :func:`save_export`),
+    or anything ``model.weights`` accepts ("imgfocus", "none", "timm", a foreign
+    checkpoint) combined with ``model_cfg``'s architecture; the latter gets
+    zero-initialised adapters, i.e. it is exactly the initialisation.
+    """
+    from glare.models.vit import AdaptedViT, create_backbone
+    from glare.weights.loading import load_backbone
+
+    path = Path(str(weights))
+    if path.suffix == ".safetensors" and path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            ours = (f.metadata() or {}).get("format") == FORMAT
+        if ours:
+            return load_pretrained(path, device=device)
+    cfg = dataclasses.replace(model_cfg or ModelConfig(), weights=str(weights))
+    vit = create_backbone(cfg)
+    if cfg.weights != "none":
+        load_backbone(vit, cfg.weights)
+    return AdaptedViT(vit, adapter_cfg=cfg.adapter).to(device).eval()

@@ -132,3 +132,21 @@ def test_zero_weight_terms_build_nothing(tiny_cfg):
     model = _model(tiny_cfg("loss.reg=0", "loss.loc1=0", "loss.loc2=0"))
     assert set(model.student.keys()) == {"adapters", "head"}
     assert set(model.losses.keys()) == {"glob"}
+
+
+def test_full_finetuning_baseline_trains_the_whole_student(tiny_cfg):
+    model = _model(tiny_cfg("model.tune=full"))
+    assert "adapters" not in model.student and model.frozen_backbone is None
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "student.backbone.patch_embed.proj.weight" in names
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    before = model.teacher["backbone"].patch_embed.proj.weight.clone()
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    model.forward_backward(torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8), step=0)
+    opt.step()
+    m = model.update_teacher(0)
+    after = model.teacher["backbone"].patch_embed.proj.weight
+    assert torch.allclose(after, m * before + (1 - m) * model.student["backbone"].patch_embed.proj.weight)
+    exported = model.export()
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(exported.features(x).patches, model.features(x).patches, atol=1e-6)
