@@ -308,7 +308,7 @@ def validate(cfg: GlareConfig) -> None:
            f"must be >= augment.view_size ({a.view_size}), got {d.base_size}")
     _check(d.mosaic.num_classes >= 2, "data.mosaic.num_classes", "must be >= 2")
     _check(d.mosaic.train >= 1 and d.mosaic.val >= 1, "data.mosaic", "train and val must be >= 1")
-    _check(o.lr > 0.0, "optim.lr", f"must be > 0, got {o.lr}")
+    _check(0.0 < o.lr < float("inf"), "optim.lr", f"must be > 0 and finite, got {o.lr}")
     _check(0.0 <= o.min_lr <= o.lr, "optim.min_lr", "must be in [0, optim.lr]")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _check(o.weight_decay >= 0.0 and o.weight_decay_end >= 0.0, "optim.weight_decay", "must be >= 0")

@@ -87,6 +87,17 @@ def pretrain_dataset(cfg: GlareConfig):
     return build_pretrain_dataset(source, cfg.data.base_size, cfg.data.image_column, materialize=cfg.data.materialize)
 
 
+def _log_lines(run_dir: Path) -> list[str]:
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def end_record(run_dir: Path, skip: int = 0) -> dict[str, Any] | None:
+    """The last ``"event": "end"`` record of metrics.jsonl after its first ``skip`` lines, if any."""
+    ends = [line for line in _log_lines(run_dir)[skip:] if '"event": "end"' in line]
+    return json.loads(ends[-1]) if ends else None
+
+
 def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Train with Ray Train's TorchTrainer and write the run directory; returns ``summary.json``'s content.
 
@@ -126,8 +137,9 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         ),
         datasets={"train": dataset},
     )
+    logged_before = len(_log_lines(run_dir))  # a resumed run appends to its predecessor's log
     result = trainer.fit()
-    metrics = dict(result.metrics or {})
+    metrics = end_record(run_dir, skip=logged_before) or dict(result.metrics or {})
     from glare.data.pretrain import skipped_images
 
     skipped = skipped_images()
@@ -140,7 +152,8 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         "images_seen": metrics.get("images_seen"),
         "trainable_params": metrics.get("trainable_params"),
         "backbone_params": metrics.get("backbone_params"),
-        "images_per_s": (metrics.get("images_seen") or 0) / max(metrics.get("train_seconds") or 0.0, 1e-9),
+        "images_per_s": (metrics.get("images_seen") or 0) / metrics["train_seconds"]
+        if metrics.get("train_seconds") else None,
         "skipped_images": len(skipped),
         "skipped_files": [{"path": p, "reason": r} for p, r in skipped],
         "nonfinite_steps": metrics.get("nonfinite_steps"),

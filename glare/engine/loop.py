@@ -131,6 +131,12 @@ class RunLog:
                 self.tb.add_scalar(key, value, step)
         self.tb.flush()
 
+    def end(self, record: dict[str, Any]) -> None:
+        """The run's closing record (``"event": "end"``), which the driver's summary reads."""
+        if self.run_dir is not None:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"event": "end", **record}) + "\n")
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
@@ -159,9 +165,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.train.seed + rank)
-
+    torch.manual_seed(cfg.train.seed)  # identical (random-init) weights on every worker and every restart
     model = build_model(cfg).to(device)
+    torch.manual_seed(cfg.train.seed + rank)  # different views on every worker
     model.train()
     runner = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     optimizer = build_optimizer(model, cfg, world)
@@ -189,9 +195,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state.miou_last = state.miou_before
             print(f"[glare] mIoU before: {100 * state.miou_before:.2f}", flush=True)
 
-    def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
-        payload = {**metrics, "step": state.step, "miou": state.miou_last, "miou_before": state.miou_before,
-                   "images_seen": state.images_seen, "nonfinite_steps": state.nonfinite_total}
+    def with_state(metrics: dict[str, Any]) -> dict[str, Any]:
+        return {**metrics, "step": state.step, "miou": state.miou_last, "miou_before": state.miou_before,
+                "images_seen": state.images_seen, "nonfinite_steps": state.nonfinite_total}
+
+    def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
+        payload = with_state(metrics)
+        if with_checkpoint and not all(bool(torch.isfinite(p).all()) for p in model.trainable_parameters()):
+            # An update that overflowed: keep the last good checkpoint rather than overwrite it.
+            log.warning("step %d: non-finite weights, checkpoint not written", state.step)
+            with_checkpoint = False
         if not with_checkpoint:
             ray.train.report(payload)
             return
@@ -286,6 +299,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         final.update(trainable_params=sum(p.numel() for p in model.trainable_parameters()),
                      backbone_params=sum(p.numel() for p in model.backbone.parameters()),
                      train_seconds=state.train_seconds)
-    runlog.close()
     final.update(stop_reason=stop_reason, done=1)
+    # Ray's Result keeps the metrics of the last *checkpoint*; a run stopped by non-finite
+    # steps ends without one, so the closing record also goes to metrics.jsonl.
+    runlog.end(with_state(final))
+    runlog.close()
     report(final, with_checkpoint=not stop_reason)

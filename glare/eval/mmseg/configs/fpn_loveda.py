@@ -1,0 +1,7 @@
+# Semantic FPN + GLARE ViT on LoveDA: 7 classes, (512, 512) crops, sliding-window inference.
+_base_ = ['./_fpn.py', './_loveda.py']
+crop_size = (512, 512)
+model = dict(
+    data_preprocessor=dict(size=crop_size),
+    decode_head=dict(num_classes=7),
+    test_cfg=dict(mode='slide', crop_size=crop_size, stride=(341, 341)))

@@ -1,0 +1,156 @@
+"""The Ray Train trainer end to end: run directory, resume, worker faults, non-finite steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from glare.config import load_config
+from glare.engine.checkpoint import load_checkpoint
+from glare.models import GlareModel, create_backbone
+from glare.weights.export import load_pretrained
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    # Ray Train's controller registers a reported checkpoint when it next polls the workers
+    # (every 2 s by default); poll often so a worker killed soon after a report still has it.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    # Logical CPUs beyond the 2 real ones: two 0.5-CPU train workers, the controller and
+    # Ray Data's tasks must never wait on each other (the deadlock of dependencies.md).
+    ray.init(num_cpus=4, object_store_memory=256 * 1024**2, log_to_driver=False, _temp_dir=temp_dir)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    return load_config("tiny", [f"train.storage_path={tmp_path}", f"data.mosaic.cache_dir={tmp_path / 'mosaic'}",
+                                *overrides])
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return [r["step"] for r in records if "loss" in r and r.get("event") != "end"]
+
+
+def test_two_workers_end_to_end(ray_local, tmp_path):
+    from glare.train import run
+
+    cfg = _cfg(tmp_path, "ray.num_workers=2", "train.run_name=e2e")
+    summary = run(cfg)
+    run_dir = tmp_path / "e2e"
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    assert summary["steps"] == 6 and summary["images_seen"] == 6 * 4 * 2
+    assert 0.0 <= summary["miou_before"] <= 1.0 and 0.0 <= summary["miou_after"] <= 1.0
+    assert summary["skipped_images"] == 0 and summary["nonfinite_steps"] == 0 and summary["stop_reason"] == ""
+    assert 0 < summary["trainable_params"] < summary["backbone_params"] + 200_000
+    assert summary["images_per_s"] > 0 and summary["wall_s"] > 0
+    assert load_config(run_dir / "config.yaml") == cfg
+    assert _logged_steps(run_dir) == [2, 4, 6]
+    assert any((run_dir / "tensorboard").iterdir())
+
+    # The export is the trained student: rebuild it from the final checkpoint and compare.
+    state = load_checkpoint(summary["checkpoint"])
+    torch.manual_seed(cfg.train.seed)  # the frozen random-init backbone is rebuilt from the seed, as workers do
+    model = GlareModel(cfg, create_backbone(cfg.model))
+    model.student.load_state_dict(state["model"]["student"])
+    exported = load_pretrained(summary["export"])
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.features(x)
+        assert torch.allclose(exported.forward_features(x), torch.cat([expected.prefix, expected.patches], 1),
+                              atol=1e-5)
+    assert state["loop"]["step"] == 6
+    assert any(v.abs().sum() > 0 for k, v in state["model"]["student"].items() if k.endswith("up.weight"))
+
+
+def test_same_name_resumes_fresh_name_starts_over(ray_local, tmp_path):
+    from glare.train import run
+
+    run(_cfg(tmp_path, "train.run_name=r", "train.steps=3", "train.log_every=1"))
+    summary = run(_cfg(tmp_path, "train.run_name=r", "train.steps=6", "train.log_every=1"))
+    assert summary["steps"] == 6 and summary["images_seen"] == 6 * 4
+    assert _logged_steps(tmp_path / "r") == [1, 2, 3, 4, 5, 6]  # steps 1-3 were not redone
+    fresh = run(_cfg(tmp_path, "train.run_name=r2", "train.steps=2", "train.log_every=1"))
+    assert fresh["steps"] == 2 and _logged_steps(tmp_path / "r2") == [1, 2]
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_killed_worker_restarts_from_last_checkpoint(ray_local, tmp_path):
+    from glare.train import run
+
+    interval = 10
+    # 64 px views make a step slow enough (~0.1 s) for the kill to land mid-interval.
+    cfg = _cfg(tmp_path, "train.run_name=kill", "train.steps=60", f"train.checkpoint_every={interval}",
+               "train.log_every=1", "ray.max_failures=1", "augment.view_size=64", "data.base_size=72")
+    run_dir = tmp_path / "kill"
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline, checkpointed_at = time.time() + 240, None
+        while time.time() < deadline and not killed:
+            try:
+                steps = _logged_steps(run_dir)
+            except (FileNotFoundError, json.JSONDecodeError):
+                steps = []
+            if checkpointed_at is None and steps and steps[-1] >= interval:
+                checkpointed_at = time.time()
+            # Mid-interval, and after the controller's next poll has registered the checkpoint.
+            if steps and steps[-1] >= interval + 2 and time.time() - checkpointed_at > 0.6:
+                for pid in _train_worker_pids():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = run(cfg)
+    thread.join(timeout=5)
+    assert killed, "the worker was never killed"
+    assert summary["steps"] == 60 and summary["stop_reason"] == ""
+    steps = _logged_steps(run_dir)
+    redone = len(steps) - len(set(steps))
+    assert steps[-1] == 60 and set(steps) == set(range(1, 61))
+    assert 0 < redone <= interval, f"{redone} steps were redone"
+
+
+def test_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(ray_local, tmp_path):
+    from glare.train import run
+
+    # An absurd learning rate blows the adapters up after the first update; every later step is non-finite.
+    cfg = _cfg(tmp_path, "train.run_name=nan", "train.steps=30", "train.checkpoint_every=1", "optim.lr=1e38",
+               "optim.warmup_steps=0", "train.max_nonfinite=3")
+    summary = run(cfg)
+    assert "3 consecutive non-finite steps" in summary["stop_reason"]
+    assert summary["nonfinite_steps"] == 3
+    state = load_checkpoint(summary["checkpoint"])
+    assert state["loop"]["step"] == summary["steps"] < 30
+    assert all(torch.isfinite(v).all() for v in state["model"]["student"].values())

@@ -1,0 +1,1 @@
+"""Hyper-parameter sweeps of GLARE with Ray Tune + Optuna (``python tune/sweep.py``)."""

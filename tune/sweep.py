@@ -1,0 +1,342 @@
+"""``python tune/sweep.py [--config FILE] [--sweep FILE] [key=value ...]``: tune GLARE with Ray Tune + Optuna.
+
+Each trial is a whole GLARE training (``glare.train.run``, a TorchTrainer that
+may span several GPUs) whose reports reach Tune through ``TuneReportCallback``.
+Optuna (TPE, seeded) proposes the points, starting from the base config's own
+values; ASHA stops weak trials at the intermediate linear-probe evaluations.
+``key=value`` sets the trials' base config, ``sweep.key=value`` the sweep
+(``sweep.num_samples=8``, ``sweep.space.optim.lr.high=1e-3``, see ``--help``).
+
+Run it from the repository root, locally (it starts Ray itself) or on a
+cluster, unchanged: ``ray job submit --working-dir . -- python tune/sweep.py ...``.
+Rerunning the same command resumes an interrupted sweep. The sweep directory
+(``sweep.storage_path/sweep.name``) ends with ``results.csv``,
+``best_config.yaml`` (for ``python -m glare.train --config``), the Optuna
+study ``optuna.db`` (``optuna-dashboard sqlite:///…/optuna.db``), ``plots/``
+and one ``trial_<id>/`` per trial with its training run in ``train/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `python tune/sweep.py` puts tune/, not the repository, on the path
+    sys.path.insert(0, str(REPO))
+
+from glare.config import ConfigError, GlareConfig, from_dict, to_dict  # noqa: E402
+from glare.config import to_yaml as config_yaml  # noqa: E402
+from tune.space import (  # noqa: E402
+    SweepConfig,
+    SweepConfigError,
+    apply_point,
+    base_point,
+    check_sweep,
+    load_sweep,
+    optuna_space,
+    point_error,
+    scheduler_bounds,
+    sweep_base_config,
+    trial_config,
+)
+from tune.space import to_yaml as sweep_yaml  # noqa: E402
+
+RUN_NAME = "train"  # each trial's training run: trial_<id>/train
+
+
+class TrainingStopped(RuntimeError):
+    """A trial's training stopped early (e.g. repeated non-finite steps)."""
+
+
+def trial_dirname(trial: Any) -> str:
+    """Short trial folder names (Tune's default spells out every parameter)."""
+    return f"trial_{trial.trial_id}"
+
+
+def train_trial(point: dict[str, Any], base: dict[str, Any], exp_dir: str) -> None:
+    """One trial: the base config with ``point`` applied, trained by ``glare.train.run`` (its reports go to Tune)."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from glare.train import run
+
+    try:
+        cfg = trial_config(from_dict(base), point)
+    except ConfigError as err:
+        # The trial ends without a result: Optuna records it as pruned, results.csv as INVALID with this
+        # message. Raising instead would retry a point that can only fail again.
+        print(f"[sweep] invalid point, trial skipped: {err}", flush=True)
+        return
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg.train.storage_path = str(Path(exp_dir) / f"trial_{trial_id}")
+    cfg.train.run_name = RUN_NAME
+    # A restarted trial finds its run here and resumes from its last checkpoint.
+    summary = run(cfg, callbacks=[TuneReportCallback()])
+    if summary["stop_reason"]:
+        raise TrainingStopped(summary["stop_reason"])
+
+
+def connect(cfg: GlareConfig) -> dict[str, float]:
+    """Join the cluster (``ray.address``, a Ray job's own) or start a local one; returns its resources."""
+    import ray
+
+    from glare.train import init_ray
+
+    # Trial actors unpickle functions of `tune.space`: a local Ray's workers inherit this environment
+    # (a job's workers run in its working directory, which holds `tune/`).
+    paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    init_ray(cfg)
+    return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def max_concurrent_trials(sweep: SweepConfig, cfg: GlareConfig, resources: dict[str, float]) -> int:
+    """How many trials fit at once: each holds its actor, its workers and some CPU kept free for Ray Data."""
+    if sweep.resources.max_concurrent:
+        return sweep.resources.max_concurrent
+    r = sweep.resources
+    cpus = r.trial_cpus + r.data_cpus + cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    fit = math.floor(resources.get("CPU", 0.0) / cpus + 1e-9)
+    if cfg.ray.use_gpu and resources.get("GPU", 0.0) > 0:
+        # RayConfig has no per-worker GPU fraction yet: glare.train asks one GPU per worker.
+        fit = min(fit, math.floor(resources["GPU"] / cfg.ray.num_workers + 1e-9))
+    # An autoscaling cluster may show no GPU yet; Tune then queues trials until nodes join.
+    return max(1, fit)
+
+
+def make_searcher(sweep: SweepConfig, cfg: GlareConfig, db: Path):
+    """OptunaSearch over the space, its study kept in SQLite at ``db``, the base point first."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    url = f"sqlite:///{db}"
+    if db.exists() and sweep.name in optuna.get_all_study_names(url):
+        optuna.delete_study(study_name=sweep.name, storage=url)  # left by a run that died before Tune saved state
+    samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
+    return OptunaSearch(
+        space=optuna_space(sweep, cfg), metric=sweep.metric, mode=sweep.mode,
+        points_to_evaluate=[base_point(sweep, cfg)] if sweep.evaluate_base_first else None,
+        sampler=samplers[sweep.sampler](seed=sweep.seed), study_name=sweep.name,
+        storage=optuna.storages.RDBStorage(url),
+    )
+
+
+def make_scheduler(sweep: SweepConfig, cfg: GlareConfig):
+    """ASHA over the reported ``step`` (None: run every trial to the end)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    if not sweep.scheduler.enabled:
+        return None
+    grace, max_t = scheduler_bounds(sweep, cfg)
+    # stop_last_trials=False: a trial past the last rung runs to its end instead of being cut at its
+    # final report, while glare.train still writes its summary.
+    return ASHAScheduler(time_attr="step", metric=sweep.metric, mode=sweep.mode, max_t=max_t, grace_period=grace,
+                         reduction_factor=sweep.scheduler.reduction_factor, stop_last_trials=False)
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        return {k: v for key, sub in data.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): data}
+
+
+def check_resume(exp_dir: Path, sweep: SweepConfig, cfg: GlareConfig) -> None:
+    """Refuse to resume a sweep whose saved settings differ from these (naming the keys that differ)."""
+    saved = {name: exp_dir / f"{name}.json" for name in ("sweep", "base_config")}
+    if not all(p.exists() for p in saved.values()):
+        return
+    now = {"sweep": dataclasses.asdict(sweep), "base_config": to_dict(cfg)}
+    differ = []
+    for name, path in saved.items():
+        old, new = _flat(json.loads(path.read_text())), _flat(json.loads(json.dumps(now[name])))
+        differ += [f"{name}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if differ:
+        raise SweepConfigError(f"the sweep in {exp_dir} was started with other settings ({', '.join(differ[:6])}); "
+                               "rerun it with the same ones to resume, or pick another sweep.name")
+
+
+def save_settings(exp_dir: Path, sweep: SweepConfig, cfg: GlareConfig) -> None:
+    """The settings a resumed run is checked against, in JSON (exact) and YAML (to read)."""
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    (exp_dir / "sweep.json").write_text(json.dumps(dataclasses.asdict(sweep), indent=1))
+    (exp_dir / "base_config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    (exp_dir / "sweep.yaml").write_text(sweep_yaml(sweep))
+    (exp_dir / "base_config.yaml").write_text(config_yaml(cfg))
+
+
+def build_tuner(sweep: SweepConfig, cfg: GlareConfig, exp_dir: Path, resources: dict[str, float]):
+    """A new Tuner, or the interrupted one restored from ``exp_dir`` (finished trials are kept, not rerun)."""
+    from ray import tune
+
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, base=to_dict(cfg), exp_dir=str(exp_dir)),
+        {"cpu": sweep.resources.trial_cpus},
+    )
+    if tune.Tuner.can_restore(exp_dir):
+        check_resume(exp_dir, sweep, cfg)
+        print(f"[sweep] resuming {exp_dir}", flush=True)
+        return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=False)
+    save_settings(exp_dir, sweep, cfg)
+    concurrent = max_concurrent_trials(sweep, cfg, resources)
+    print(f"[sweep] {sweep.num_samples} trials, {concurrent} at a time, in {exp_dir}", flush=True)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(sweep, cfg, exp_dir / "optuna.db"), scheduler=make_scheduler(sweep, cfg),
+            num_samples=sweep.num_samples, max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.name, storage_path=str(exp_dir.parent),
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures), verbose=1,
+        ),
+    )
+
+
+def trial_rows(results: Any, sweep: SweepConfig, cfg: GlareConfig) -> list[dict[str, Any]]:
+    """One row per trial: id, status, its point, final and best metric, steps, error."""
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        point = {k: v for k, v in (result.config or {}).items() if k in sweep.params()}
+        history = result.metrics_dataframe
+        values = history[sweep.metric].dropna().tolist() if history is not None and sweep.metric in history else []
+        final = metrics.get(sweep.metric)
+        step = metrics.get("step")
+        error = ""
+        if result.error is not None:
+            status, error = "ERROR", str(result.error).strip().splitlines()[-1]
+        elif final is None:
+            error = point_error(cfg, point) or ""
+            status = "INVALID" if error else "NO RESULT"
+        elif step is not None and step >= cfg.train.steps:
+            status = "COMPLETED"
+        else:
+            status = "STOPPED"
+        best = (max if sweep.mode == "max" else min)(values) if values else None
+        rows.append({"trial_id": Path(result.path).name.removeprefix("trial_"), "status": status, **point,
+                     f"{sweep.metric}_final": final, f"{sweep.metric}_best": best, "steps": step, "error": error})
+    return rows
+
+
+def best_row(rows: Sequence[dict[str, Any]], sweep: SweepConfig) -> dict[str, Any] | None:
+    """The trial with the best final metric among those that completed (any with a result if none did)."""
+    key = f"{sweep.metric}_final"
+    scored = [r for r in rows if isinstance(r[key], (int, float)) and math.isfinite(r[key])]
+    pool = [r for r in scored if r["status"] == "COMPLETED"] or scored
+    if not pool:
+        return None
+    return (max if sweep.mode == "max" else min)(pool, key=lambda r: r[key])
+
+
+def write_plots(db: Path, study_name: str, out: Path) -> list[Path]:
+    """Optuna's optimisation history, intermediate values and parameter importances as PNGs (where computable)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{db}")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    plots = {"history": ovm.plot_optimization_history, "intermediate": ovm.plot_intermediate_values,
+             "importance": ovm.plot_param_importances}
+    for name, plot in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ax = plot(study)
+        except (ValueError, RuntimeError) as err:  # e.g. importances need two finished trials
+            print(f"[sweep] no {name} plot: {err}", flush=True)
+            continue
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.savefig(out / f"{name}.png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        written.append(out / f"{name}.png")
+    return written
+
+
+def write_outputs(results: Any, sweep: SweepConfig, cfg: GlareConfig, exp_dir: Path) -> dict[str, Any]:
+    """results.csv, best_config.yaml, plots/ and summary.json in ``exp_dir``; returns the summary."""
+    import pandas as pd
+
+    rows = trial_rows(results, sweep, cfg)
+    table = pd.DataFrame(rows)
+    table.to_csv(exp_dir / "results.csv", index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 60):
+        print(table.drop(columns=["error"]).to_string(index=False), flush=True)
+    best = best_row(rows, sweep)
+    summary: dict[str, Any] = {"exp_dir": str(exp_dir), "trials": len(rows),
+                               "status": {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}},
+                               "best": None, "best_config": None}
+    if best is not None:
+        point = {k: best[k] for k in sweep.params()}
+        (exp_dir / "best_config.yaml").write_text(config_yaml(apply_point(cfg, point)))
+        summary.update(best={"trial_id": best["trial_id"], sweep.metric: best[f"{sweep.metric}_final"],
+                             "point": point}, best_config=str(exp_dir / "best_config.yaml"))
+    summary["plots"] = [str(p) for p in write_plots(exp_dir / "optuna.db", sweep.name, exp_dir / "plots")]
+    (exp_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python tune/sweep.py",
+        description="Tune GLARE's hyper-parameters with Ray Tune (Optuna TPE + ASHA); each trial is a training run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="sweep settings (sweep.key=value; defaults before any preset):\n" + sweep_yaml(SweepConfig()),
+    )
+    parser.add_argument("--config", help="the trials' base GlareConfig preset (default: the sweep's base_config)")
+    parser.add_argument("--sweep", help="sweep preset: a path or a name in configs/sweeps/ (e.g. tiny)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="base-config overrides (train.steps=100) and sweep settings (sweep.num_samples=8)")
+    return parser.parse_args(argv)
+
+
+def load(args: argparse.Namespace) -> tuple[SweepConfig, GlareConfig]:
+    """The sweep settings and the checked base config from the command line (raises ConfigError)."""
+    sweep_ovr = [o.removeprefix("sweep.") for o in args.overrides if o.startswith("sweep.")]
+    sweep = load_sweep(args.sweep, sweep_ovr)
+    cfg = sweep_base_config(sweep, args.config, [o for o in args.overrides if not o.startswith("sweep.")])
+    check_sweep(sweep, cfg)
+    return sweep, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        sweep, cfg = load(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    exp_dir = Path(sweep.storage_path).expanduser().resolve() / sweep.name
+    resources = connect(cfg)
+    try:
+        results = build_tuner(sweep, cfg, exp_dir, resources).fit()
+    except SweepConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summary = write_outputs(results, sweep, cfg, exp_dir)
+    print(f"[sweep] trials: {summary['status']}; results: {exp_dir / 'results.csv'}", flush=True)
+    if summary["best"] is None:
+        print("error: no trial reported a finite " + sweep.metric, file=sys.stderr)
+        return 1
+    print(f"[sweep] best: trial {summary['best']['trial_id']} {sweep.metric}={summary['best'][sweep.metric]:.4f}; "
+          f"reproduce with: python -m glare.train --config {summary['best_config']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
