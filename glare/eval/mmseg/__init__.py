@@ -15,14 +15,15 @@ The mmcv-lite ops shim is installed first, because mmseg's model modules import 
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from glare.eval.mmseg_shim import install_mmcv_ops_shim
 
-install_mmcv_ops_shim()
-
-import math  # noqa: E402  (after the shim, like everything that may pull in mmseg.models)
+install_mmcv_ops_shim()  # before anything imports mmseg.models
 
 import mmseg.models  # noqa: E402, F401  (registers mmseg's own modules: the configs build UPerHead etc.)
-import numpy as np  # noqa: E402
 from mmseg.datasets import BaseSegDataset  # noqa: E402
 from mmseg.evaluation import IoUMetric  # noqa: E402
 from mmseg.registry import DATASETS, METRICS  # noqa: E402
