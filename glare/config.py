@@ -192,6 +192,7 @@ class RayConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # < 1 packs several small workers (or sweep trials) on one GPU
     max_failures: int = 0
 
 
@@ -324,6 +325,7 @@ def validate(cfg: GlareConfig) -> None:
     _check(e.probe_batch_size >= 2, "eval.probe_batch_size", "must be >= 2")
     _check(ray.num_workers >= 1, "ray.num_workers", f"must be >= 1, got {ray.num_workers}")
     _check(ray.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
+    _check(ray.gpus_per_worker > 0, "ray.gpus_per_worker", "must be > 0")
     _check(ray.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: retry forever)")
 
 

@@ -127,7 +127,8 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=cfg.ray.use_gpu,
-            resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})},
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker,
+                                  **({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,

@@ -11,12 +11,12 @@ follows from the config, so a range becomes the matching Optuna distribution.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -53,7 +53,7 @@ def default_space() -> dict[str, ParamRange | None]:
         "augment.blur_sigma.1": ParamRange(1.5, 5.0),  # the strongest patch blur
         "augment.patch_fraction": ParamRange(0.1, 0.6),
         "model.adapter.bottleneck": ParamRange(16, 128, log=True),
-        "optim.lr": ParamRange(1e-4, 2e-3, log=True),
+        "optim.lr": ParamRange(1e-4, 1e-2, log=True),  # per 256 images; the main job runs short at 5e-3
         "model.momentum_start": ParamRange(0.99, 0.9995),
     }
 
@@ -91,7 +91,10 @@ class SweepConfig:
     sampler: str = "tpe"  # or "random"
     seed: int = 0
     evaluate_base_first: bool = True  # the base config's values are the first point
-    max_failures: int = 1  # retries of a failed trial
+    # Further points evaluated next, e.g. settings known from earlier sweeps; a key left out keeps its base
+    # value. Like sampled points, one that is invalid in combination becomes an INVALID trial.
+    points: list[dict[str, Any]] = field(default_factory=list)
+    max_failures: int = 1  # retries of a failed trial (ray.max_failures: restarts inside one training)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
     space: dict[str, ParamRange | None] = field(default_factory=default_space)  # null drops a key
@@ -114,6 +117,13 @@ def _parse_value(text: str) -> Any:
     return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
 
 
+def _child(node: dict[str, Any], key: str, item: str) -> dict[str, Any]:
+    child = node.setdefault(key, {})
+    if not isinstance(child, dict):
+        raise SweepConfigError(f"override {item!r} sets a field of {key!r}, which an earlier override set to {child!r}")
+    return child
+
+
 def _override_layer(overrides: Iterable[str]) -> dict[str, Any]:
     """``key=value`` strings as nested dicts; ``space.<dot-key>.<field>`` keeps the dotted key whole."""
     layer: dict[str, Any] = {}
@@ -125,14 +135,14 @@ def _override_layer(overrides: Iterable[str]) -> dict[str, Any]:
         if key.startswith("space."):
             param, _, last = key[len("space."):].rpartition(".")
             if last in RANGE_FIELDS and param:
-                layer.setdefault("space", {}).setdefault(param, {})[last] = value
+                _child(_child(layer, "space", item), param, item)[last] = value
             else:
-                layer.setdefault("space", {})[key[len("space."):]] = value
+                _child(layer, "space", item)[key[len("space."):]] = value
             continue
         node = layer
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            node = _child(node, part, item)
         node[leaf] = value
     return layer
 
@@ -143,10 +153,12 @@ def load_sweep(path: str | Path | None = None, overrides: Iterable[str] = ()) ->
     Raises:
         SweepConfigError: naming the key, for unknown keys, wrong types and out-of-range settings.
     """
-    layers = [OmegaConf.load(_resolve_preset(path))] if path is not None else []
-    layers.append(OmegaConf.create(_override_layer(overrides)))
     try:
+        layers = [OmegaConf.load(_resolve_preset(path))] if path is not None else []
+        layers.append(OmegaConf.create(_override_layer(overrides)))
         sweep = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepConfig), *layers))
+    except yaml.YAMLError as err:
+        raise SweepConfigError(f"sweep preset {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or getattr(err, "key", None)
         msg = getattr(err, "msg", None) or str(err).splitlines()[0]
@@ -278,6 +290,18 @@ def base_point(sweep: SweepConfig, cfg: GlareConfig) -> dict[str, Any]:
     return {key: get_value(cfg, key) for key in sweep.params()}
 
 
+def first_points(sweep: SweepConfig, cfg: GlareConfig) -> list[dict[str, Any]]:
+    """The points evaluated before the sampler's own: the base point (if asked) then ``sweep.points``, completed."""
+    base = base_point(sweep, cfg)
+    points = [base] if sweep.evaluate_base_first else []
+    for i, point in enumerate(sweep.points):
+        for key, value in point.items():
+            _check(key in base, f"points[{i}]", f"{key!r} is not a searched key")
+            _check(_in_range(sweep.space[key], value), f"points[{i}]", f"{key}={value!r} lies outside its range")
+        points.append({**base, **point})
+    return points
+
+
 def optuna_space(sweep: SweepConfig, cfg: GlareConfig) -> dict[str, Any]:
     """The search space as Optuna distributions, typed by the config field each key sets."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -309,11 +333,14 @@ def _in_range(rng: ParamRange, value: Any) -> bool:
 def check_sweep(sweep: SweepConfig, cfg: GlareConfig) -> None:
     """Check the sweep against its base config before anything starts (raises :class:`SweepConfigError`).
 
-    Every searched key must exist, each end of its range (or each choice) must
-    be a valid config on its own, the scheduler's rungs must fall on evaluation
-    steps, and with ``evaluate_base_first`` the base values must lie in range.
+    The base config must be valid, every searched key must exist, each end of
+    its range (or each choice) must be valid on the base config, the
+    scheduler's rungs must fall on evaluation steps, and the first points
+    (the base values with ``evaluate_base_first``, ``points``) must lie in range.
     Points that are invalid only in combination become invalid trials instead.
     """
+    err = point_error(cfg, {})
+    _check(err is None, "base_config", f"the base config is not valid: {err}")
     space = optuna_space(sweep, cfg)  # also names keys that do not exist
     for key, rng in sweep.params().items():
         dist = space[key]
@@ -326,8 +353,7 @@ def check_sweep(sweep: SweepConfig, cfg: GlareConfig) -> None:
             _check(_in_range(sweep.space[key], value), f"space.{key}",
                    f"the base config's value {value!r} lies outside the range; widen it or set "
                    "evaluate_base_first: false")
-        err = point_error(cfg, {})
-        _check(err is None, "base_config", f"the base config is not valid: {err}")
+    first_points(sweep, cfg)  # names points with unknown keys or values out of range
     s = sweep.scheduler
     if s.enabled:
         every = cfg.train.eval_every
@@ -357,7 +383,3 @@ def to_yaml(sweep: SweepConfig) -> str:
     """The resolved sweep settings as YAML."""
     return OmegaConf.to_yaml(OmegaConf.structured(sweep))
 
-
-def is_finite(value: Any) -> bool:
-    """Whether ``value`` is a real, finite number."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

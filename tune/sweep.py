@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,8 +39,8 @@ from tune.space import (  # noqa: E402
     SweepConfig,
     SweepConfigError,
     apply_point,
-    base_point,
     check_sweep,
+    first_points,
     load_sweep,
     optuna_space,
     point_error,
@@ -49,6 +50,7 @@ from tune.space import (  # noqa: E402
 )
 from tune.space import to_yaml as sweep_yaml  # noqa: E402
 
+TRIAL_PREFIX = "trial_"  # each trial's folder: trial_<id>
 RUN_NAME = "train"  # each trial's training run: trial_<id>/train
 
 
@@ -57,8 +59,19 @@ class TrainingStopped(RuntimeError):
 
 
 def trial_dirname(trial: Any) -> str:
-    """Short trial folder names (Tune's default spells out every parameter)."""
-    return f"trial_{trial.trial_id}"
+    """A trial's folder in the sweep directory (Tune's default name spells out every parameter)."""
+    return TRIAL_PREFIX + trial.trial_id
+
+
+def sweep_dir(sweep: SweepConfig) -> Path:
+    """``storage_path/name``, absolute; a Ray job needs an absolute storage path (raises SweepConfigError)."""
+    storage = Path(sweep.storage_path).expanduser()
+    if not storage.is_absolute() and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # A job runs in a temporary copy of its working directory, which Ray deletes after the job.
+        raise SweepConfigError(f"sweep key 'storage_path': {sweep.storage_path!r} would lie in this Ray job's "
+                               "temporary working directory; give an absolute path (shared storage on a "
+                               "multi-node cluster)")
+    return storage.resolve() / sweep.name
 
 
 def train_trial(point: dict[str, Any], base: dict[str, Any], exp_dir: str) -> None:
@@ -71,12 +84,13 @@ def train_trial(point: dict[str, Any], base: dict[str, Any], exp_dir: str) -> No
     try:
         cfg = trial_config(from_dict(base), point)
     except ConfigError as err:
-        # The trial ends without a result: Optuna records it as pruned, results.csv as INVALID with this
-        # message. Raising instead would retry a point that can only fail again.
+        # The trial ends without a result (Tune's strict metric check is off for this, see main): Optuna
+        # records it as pruned, results.csv as INVALID with this message. Raising instead would retry, per
+        # FailureConfig, a point that can only fail again.
         print(f"[sweep] invalid point, trial skipped: {err}", flush=True)
         return
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg.train.storage_path = str(Path(exp_dir) / f"trial_{trial_id}")
+    cfg.train.storage_path = str(Path(exp_dir) / (TRIAL_PREFIX + trial_id))
     cfg.train.run_name = RUN_NAME
     # A restarted trial finds its run here and resumes from its last checkpoint.
     summary = run(cfg, callbacks=[TuneReportCallback()])
@@ -84,46 +98,70 @@ def train_trial(point: dict[str, Any], base: dict[str, Any], exp_dir: str) -> No
         raise TrainingStopped(summary["stop_reason"])
 
 
-def connect(cfg: GlareConfig) -> dict[str, float]:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def trial_cpus(sweep: SweepConfig, cfg: GlareConfig) -> float:
+    """CPUs one trial holds: its actor, its training workers and some kept free for Ray Data's tasks."""
+    r = sweep.resources
+    return r.trial_cpus + r.data_cpus + cfg.ray.num_workers * cfg.ray.cpus_per_worker
+
+
+def connect(sweep: SweepConfig, cfg: GlareConfig) -> dict[str, float]:
     """Join the cluster (``ray.address``, a Ray job's own) or start a local one; returns its resources."""
     import ray
 
     from glare.train import init_ray
 
-    # Trial actors unpickle functions of `tune.space`: a local Ray's workers inherit this environment
-    # (a job's workers run in its working directory, which holds `tune/`).
-    paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    init_ray(cfg)
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        init_ray(cfg)  # a job's workers run in its working directory, which holds tune/
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        port = _free_port()
+        env = {
+            # Trial actors unpickle functions of tune.space.
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            # Ray Train's placement-group cleaner asks the state API whether a run's controller lives. With
+            # several Ray instances on one machine it cannot tell which is ours, fails, and every trial's
+            # workers stay reserved: the next trial waits forever. Naming our dashboard avoids that.
+            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+        }
+        cpus = max(os.cpu_count() or 1, math.ceil(trial_cpus(sweep, cfg)))
+        ray.init(num_cpus=cpus, dashboard_port=port, runtime_env={"env_vars": env}, log_to_driver=True)
     return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
 def max_concurrent_trials(sweep: SweepConfig, cfg: GlareConfig, resources: dict[str, float]) -> int:
-    """How many trials fit at once: each holds its actor, its workers and some CPU kept free for Ray Data."""
+    """How many trials fit at once in ``resources`` (``sweep.resources.max_concurrent`` if set)."""
     if sweep.resources.max_concurrent:
         return sweep.resources.max_concurrent
-    r = sweep.resources
-    cpus = r.trial_cpus + r.data_cpus + cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    fit = math.floor(resources.get("CPU", 0.0) / cpus + 1e-9)
+    fit = math.floor(resources.get("CPU", 0.0) / trial_cpus(sweep, cfg) + 1e-9)
     if cfg.ray.use_gpu and resources.get("GPU", 0.0) > 0:
-        # RayConfig has no per-worker GPU fraction yet: glare.train asks one GPU per worker.
-        fit = min(fit, math.floor(resources["GPU"] / cfg.ray.num_workers + 1e-9))
+        per_trial = cfg.ray.num_workers * cfg.ray.gpus_per_worker  # fractional for small trials
+        fit = min(fit, math.floor(resources["GPU"] / per_trial + 1e-9))
     # An autoscaling cluster may show no GPU yet; Tune then queues trials until nodes join.
     return max(1, fit)
 
 
 def make_searcher(sweep: SweepConfig, cfg: GlareConfig, db: Path):
-    """OptunaSearch over the space, its study kept in SQLite at ``db``, the base point first."""
+    """OptunaSearch over the space, its study kept in SQLite at ``db``, the first points enqueued."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     url = f"sqlite:///{db}"
     if db.exists() and sweep.name in optuna.get_all_study_names(url):
         optuna.delete_study(study_name=sweep.name, storage=url)  # left by a run that died before Tune saved state
+    points = first_points(sweep, cfg)
+    for i, point in enumerate(points):
+        if err := point_error(cfg, point):
+            print(f"[sweep] note: first point {i} is invalid and will be recorded as such: {err}", flush=True)
     samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
     return OptunaSearch(
-        space=optuna_space(sweep, cfg), metric=sweep.metric, mode=sweep.mode,
-        points_to_evaluate=[base_point(sweep, cfg)] if sweep.evaluate_base_first else None,
+        space=optuna_space(sweep, cfg), metric=sweep.metric, mode=sweep.mode, points_to_evaluate=points or None,
         sampler=samplers[sweep.sampler](seed=sweep.seed), study_name=sweep.name,
         storage=optuna.storages.RDBStorage(url),
     )
@@ -181,7 +219,6 @@ def build_tuner(sweep: SweepConfig, cfg: GlareConfig, exp_dir: Path, resources: 
         {"cpu": sweep.resources.trial_cpus},
     )
     if tune.Tuner.can_restore(exp_dir):
-        check_resume(exp_dir, sweep, cfg)
         print(f"[sweep] resuming {exp_dir}", flush=True)
         return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=False)
     save_settings(exp_dir, sweep, cfg)
@@ -216,12 +253,14 @@ def trial_rows(results: Any, sweep: SweepConfig, cfg: GlareConfig) -> list[dict[
         elif final is None:
             error = point_error(cfg, point) or ""
             status = "INVALID" if error else "NO RESULT"
+            if not error and "step" in metrics:
+                error = f"trained, but reported no {sweep.metric!r}"
         elif step is not None and step >= cfg.train.steps:
             status = "COMPLETED"
         else:
             status = "STOPPED"
         best = (max if sweep.mode == "max" else min)(values) if values else None
-        rows.append({"trial_id": Path(result.path).name.removeprefix("trial_"), "status": status, **point,
+        rows.append({"trial_id": Path(result.path).name.removeprefix(TRIAL_PREFIX), "status": status, **point,
                      f"{sweep.metric}_final": final, f"{sweep.metric}_best": best, "steps": step, "error": error})
     return rows
 
@@ -273,7 +312,7 @@ def write_outputs(results: Any, sweep: SweepConfig, cfg: GlareConfig, exp_dir: P
     import pandas as pd
 
     rows = trial_rows(results, sweep, cfg)
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows).astype({"steps": "Int64"})  # stays integer next to trials without steps
     table.to_csv(exp_dir / "results.csv", index=False)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 60):
         print(table.drop(columns=["error"]).to_string(index=False), flush=True)
@@ -291,15 +330,25 @@ def write_outputs(results: Any, sweep: SweepConfig, cfg: GlareConfig, exp_dir: P
     return summary
 
 
+def describe(sweep: SweepConfig) -> str:
+    """The settings as YAML, with one line per searched key (for --help)."""
+    text = sweep_yaml(dataclasses.replace(sweep, space={})).replace("space: {}\n", "space:\n")
+    for key, r in sweep.params().items():
+        span = f"choices {r.choices}" if r.choices is not None else f"[{r.low}, {r.high}]"
+        text += f"  {key}: {span}{' log' if r.log else ''}{f' step {r.step}' if r.step else ''}\n"
+    return text
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python tune/sweep.py",
         description="Tune GLARE's hyper-parameters with Ray Tune (Optuna TPE + ASHA); each trial is a training run.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="sweep settings (sweep.key=value; defaults before any preset):\n" + sweep_yaml(SweepConfig()),
+        epilog="sweep settings (sweep.key=value; defaults before any preset):\n" + describe(SweepConfig()),
     )
     parser.add_argument("--config", help="the trials' base GlareConfig preset (default: the sweep's base_config)")
-    parser.add_argument("--sweep", help="sweep preset: a path or a name in configs/sweeps/ (e.g. tiny)")
+    parser.add_argument("--sweep", default="default",
+                        help="sweep preset: a path or a name in configs/sweeps/ (default: default; tiny: smoke run)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="base-config overrides (train.steps=100) and sweep settings (sweep.num_samples=8)")
     return parser.parse_args(argv)
@@ -318,16 +367,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         sweep, cfg = load(args)
+        exp_dir = sweep_dir(sweep)
+        check_resume(exp_dir, sweep, cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    exp_dir = Path(sweep.storage_path).expanduser().resolve() / sweep.name
-    resources = connect(cfg)
-    try:
-        results = build_tuner(sweep, cfg, exp_dir, resources).fit()
-    except SweepConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # An invalid point's trial ends with no result at all, which Tune's strict check would turn into a
+    # crash of the whole sweep. A metric that no trial reports shows instead as "NO RESULT" rows.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    resources = connect(sweep, cfg)
+    results = build_tuner(sweep, cfg, exp_dir, resources).fit()
     summary = write_outputs(results, sweep, cfg, exp_dir)
     print(f"[sweep] trials: {summary['status']}; results: {exp_dir / 'results.csv'}", flush=True)
     if summary["best"] is None:

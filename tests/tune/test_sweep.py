@@ -1,0 +1,362 @@
+"""tune/: sweep presets and their checks (fast), and real sweeps of the tiny model (slow: Tune + TorchTrainer).
+
+The slow tests run ``tune/sweep.py`` as a user would, in subprocesses, each Ray
+instance under its own ``RAY_TMPDIR``; afterwards every process that still
+carries that variable (the driver's Ray, a ``ray start`` head) is killed by id,
+so other Ray instances on the machine are left alone (``ray stop`` would not).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # tune/ is a folder of the repository, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from glare.config import ConfigError, load_config, to_dict, to_yaml  # noqa: E402
+from tune.space import (  # noqa: E402
+    ParamRange,
+    SweepConfigError,
+    apply_point,
+    base_point,
+    check_sweep,
+    first_points,
+    load_sweep,
+    optuna_space,
+    point_error,
+    scheduler_bounds,
+    sweep_base_config,
+    trial_config,
+)
+from tune.sweep import check_resume, load, main, max_concurrent_trials, parse_args, save_settings, sweep_dir  # noqa: E402
+
+SWEEP = REPO / "tune" / "sweep.py"
+
+
+def checked(sweep_overrides: list[str], base_overrides: tuple[str, ...] | list[str] = (), preset: str = "tiny") -> None:
+    sweep = load_sweep(preset, sweep_overrides)
+    check_sweep(sweep, sweep_base_config(sweep, None, base_overrides))
+
+
+def test_tiny_preset_with_overrides():
+    sweep = load_sweep("tiny", ["num_samples=5", "space.optim.lr.high=0.3", "space.loss.glob=null",
+                                "space.region.correspondence.choices=[cross_attention,geometric]"])
+    assert (sweep.num_samples, sweep.base_config, sweep.scheduler.grace_period) == (5, "tiny", 2)
+    assert sweep.space["optim.lr"] == ParamRange(0.01, 0.3, log=True)  # low: preset, high: override, log: default
+    assert "loss.glob" not in sweep.params() and sweep.params()["loss.reg"] == ParamRange(0.0, 2.0)
+
+    cfg = sweep_base_config(sweep, None, ["train.steps=8"])
+    assert (cfg.train.steps, cfg.train.eval_every, cfg.model.timm_kwargs["num_heads"]) == (8, 2, 3)
+    check_sweep(sweep, cfg)
+    space = optuna_space(sweep, cfg)
+    assert (type(space["region.num_regions"]).__name__, space["region.num_regions"].high) == ("IntDistribution", 3)
+    assert space["optim.lr"].log is True and space["augment.blur_sigma.1"].low == 1.5
+    assert space["region.correspondence"].choices == ("cross_attention", "geometric")
+    first = base_point(sweep, cfg)
+    assert first["optim.lr"] == 0.05 and first["augment.blur_sigma.1"] == 3.0 and first["region.num_regions"] == 2
+
+
+@pytest.mark.parametrize("sweep_overrides, base_overrides, message", [
+    (["num_samplez=3"], [], "sweep key 'num_samplez'"),
+    (["num_samples=many"], [], "sweep key 'num_samples'"),
+    (["mode=best"], [], "'max' or 'min'"),
+    (["storage_path=s3://bucket/sweeps"], [], "shared-filesystem path"),
+    (["space.optim.lr.low=0.5"], [], "needs low < high"),
+    (["space.optim.lr.log=true", "space.optim.lr.low=0"], [], "log range needs low > 0"),
+    (["space.optim.lr.lo=0.1"], [], "space.optim.lr.lo"),
+    (["space.loss.gloob.low=0", "space.loss.gloob.high=1"], [], "'loss.gloob' is not a config key"),
+    (["space.region.num_regions.high=2.5"], [], "high must be an integer"),
+    (["space.region.correspondence.low=0", "space.region.correspondence.high=1"], [], "needs choices"),
+    (["space.region.num_regions.high=4"], [], "4 regions need as many attention heads, but vit_tiny_patch16_224 has 3"),
+    (["space.optim.lr.low=0.06"], [], "base config's value 0.05 lies outside the range"),
+    (["points=[{optim.lr: 0.5}]"], [], "'points[0]': optim.lr=0.5 lies outside its range"),
+    (["points=[{}, {optim.lrr: 0.1}]"], [], "'points[1]': 'optim.lrr' is not a searched key"),
+    (["scheduler.grace_period=3"], [], "multiple of train.eval_every (2)"),
+    ([], ["train.eval_every=0"], "ASHA needs evaluations during training"),
+    ([], ["region.num_regions=5"], "the base config is not valid"),
+])
+def test_bad_sweep_settings_are_named(sweep_overrides, base_overrides, message):
+    with pytest.raises(SweepConfigError) as err:
+        checked(sweep_overrides, base_overrides)
+    assert message in str(err.value)
+
+
+def test_first_points_are_the_base_then_the_given_ones_completed():
+    sweep = load_sweep("tiny", ["points=[{optim.lr: 0.1, region.num_regions: 3}]"])
+    cfg = sweep_base_config(sweep)
+    base, given = first_points(sweep, cfg)
+    assert base == base_point(sweep, cfg) and given == {**base, "optim.lr": 0.1, "region.num_regions": 3}
+    assert first_points(load_sweep("tiny", ["evaluate_base_first=false"]), cfg) == []
+
+
+def test_default_sweep_fits_the_main_job():
+    sweep, cfg = load(parse_args([]))  # checked against configs/default.yaml
+    assert (cfg.model.arch, sweep.num_samples) == ("vit_small_patch14_dinov2", 20)
+    assert scheduler_bounds(sweep, cfg) == (40, 120)
+    assert base_point(sweep, cfg)["region.num_regions"] == 6 and cfg.model.timm_kwargs == {}
+
+
+def test_bad_preset_file_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scheduler: {grace: 2}\n")
+    with pytest.raises(SweepConfigError, match="scheduler.grace"):
+        load_sweep(bad)
+    with pytest.raises(SweepConfigError, match="sweep preset not found: nope"):
+        load_sweep("nope")
+    bad.write_text("space: {optim.lr: [1, 2}\n")
+    with pytest.raises(SweepConfigError, match="is not valid YAML"):
+        load_sweep(bad)
+    with pytest.raises(SweepConfigError, match="which an earlier override set to 3"):
+        load_sweep(None, ["scheduler=3", "scheduler.max_t=4"])
+
+
+def test_points_apply_to_a_copy_and_invalid_ones_say_why(tiny_cfg, tmp_path):
+    base = tiny_cfg("train.eval_every=2")
+    cfg = trial_config(base, {"augment.blur_sigma.1": 4.5, "region.num_regions": 3, "optim.lr": 0.1})
+    assert (list(cfg.augment.blur_sigma), cfg.region.num_regions, cfg.optim.lr) == ([1.0, 4.5], 3, 0.1)
+    assert (list(base.augment.blur_sigma), base.region.num_regions) == ([1.0, 3.0], 2)
+    with pytest.raises(ConfigError, match="4 regions need as many attention heads"):
+        trial_config(base, {"region.num_regions": 4})
+    # Only the combination is invalid: without the regional term the regions are never sampled.
+    assert point_error(base, {"region.num_regions": 4, "loss.reg": 0.0}) is None
+    zero = {f"loss.{k}": 0.0 for k in ("glob", "reg", "loc1", "loc2")}
+    assert "at least one loss weight must be > 0" in point_error(base, zero)
+    assert "needs 0.0 <= low <= high" in point_error(base, {"augment.blur_sigma.0": 3.5})
+
+    # What best_config.yaml holds reloads into the same config.
+    path = tmp_path / "best_config.yaml"
+    path.write_text(to_yaml(apply_point(base, {"optim.lr": 0.1, "region.top_q": 0.3})))
+    assert to_dict(load_config(path)) == to_dict(apply_point(base, {"optim.lr": 0.1, "region.top_q": 0.3}))
+
+
+def test_concurrency_follows_resources():
+    sweep = load_sweep("tiny")
+    cfg = sweep_base_config(sweep)  # 1 worker x 0.5 CPU, + 0.5 for the trial, + 1 for Ray Data: 2 CPUs a trial
+    assert [max_concurrent_trials(sweep, cfg, {"CPU": c}) for c in (1, 2, 3.9, 4, 8)] == [1, 1, 1, 2, 4]
+    gpu = sweep_base_config(sweep, None, ["ray.use_gpu=true", "ray.num_workers=2", "ray.cpus_per_worker=4"])
+    assert max_concurrent_trials(sweep, gpu, {"CPU": 64, "GPU": 4}) == 2  # GPUs bound it, one per worker
+    assert max_concurrent_trials(sweep, gpu, {"CPU": 64}) == 6  # autoscaling, no GPU node yet: CPUs bound it
+    fixed = load_sweep("tiny", ["resources.max_concurrent=3"])
+    assert max_concurrent_trials(fixed, cfg, {"CPU": 2}) == 3
+
+
+def test_sweep_dir_of_a_ray_job_must_be_absolute(monkeypatch, tmp_path):
+    assert sweep_dir(load_sweep("tiny", [f"storage_path={tmp_path}"])) == tmp_path / "glare-sweep-tiny"
+    monkeypatch.chdir(tmp_path)
+    assert sweep_dir(load_sweep("tiny")) == tmp_path / "runs" / "sweeps" / "glare-sweep-tiny"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what a Ray job's driver sees
+    with pytest.raises(SweepConfigError, match="temporary working directory; give an absolute path"):
+        sweep_dir(load_sweep("tiny"))
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    sweep = load_sweep("tiny")
+    cfg = sweep_base_config(sweep)
+    save_settings(tmp_path, sweep, cfg)
+    assert load_config(tmp_path / "base_config.yaml") == cfg and load_sweep(tmp_path / "sweep.yaml") == sweep
+    check_resume(tmp_path, sweep, cfg)  # the same settings: resumes
+    with pytest.raises(SweepConfigError, match=r"other settings \(sweep.num_samples, base_config.train.steps\)"):
+        check_resume(tmp_path, load_sweep("tiny", ["num_samples=4"]), sweep_base_config(sweep, None, ["train.steps=8"]))
+
+
+def test_cli_reports_bad_settings_without_starting_ray(capsys):
+    assert main(["--sweep", "tiny", "sweep.space.region.num_regions.high=5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sweep key 'space.region.num_regions': 5 is not valid") and "Traceback" not in err
+    assert main(["--sweep", "tiny", "train.stepz=3"]) == 2
+    assert "train.stepz" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Slow: real sweeps.
+
+
+def _pids_with(marker: bytes) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+@contextmanager
+def private_ray() -> Iterator[dict[str, str]]:
+    """An environment whose Ray lives in its own short temp dir; its processes are killed afterwards."""
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=temp, HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
+               RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONUNBUFFERED="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    try:
+        yield env
+    finally:
+        for pid in _pids_with(f"RAY_TMPDIR={temp}".encode()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, alive: subprocess.Popen | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if alive is not None and alive.poll() is not None:
+            raise AssertionError(f"the process ended (rc={alive.returncode}) before {what}")
+        time.sleep(1.0)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def terminated_trials(exp: Path) -> list[str]:
+    """Trials that Tune's saved experiment state records as finished."""
+    states = sorted(exp.glob("experiment_state-*.json"))
+    try:
+        data = json.loads(states[-1].read_text()) if states else {"trial_data": []}
+    except (OSError, json.JSONDecodeError):  # being rewritten
+        return []
+    trials = [json.loads(t) for t, _ in data["trial_data"]]
+    return [t["trial_id"] for t in trials if t["status"] == "TERMINATED"]
+
+
+def read_rows(exp: Path) -> list[dict[str, str]]:
+    with open(exp / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def sweep_command(storage: Path, *overrides: str) -> list[str]:
+    return [sys.executable, str(SWEEP), "--sweep", "tiny", f"sweep.storage_path={storage}", *overrides]
+
+
+@pytest.mark.slow
+def test_sweep_records_an_invalid_point_and_finishes(tmp_path):
+    """A local sweep of two: the base point trains; the given point asks 5 regions of a 3-head ViT."""
+    exp = tmp_path / "glare-sweep-tiny"
+    command = sweep_command(tmp_path, "sweep.num_samples=2", "loss.reg=0", "sweep.space.region.num_regions.high=5",
+                            "sweep.points=[{loss.reg: 1.0, region.num_regions: 5}]")
+    with private_ray() as env:
+        run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    assert "[sweep] note: first point 1 is invalid" in out
+    base, invalid = read_rows(exp)
+    assert (base["status"], int(base["steps"]), base["region.num_regions"]) == ("COMPLETED", 6, "2")
+    assert invalid["status"] == "INVALID" and invalid["steps"] == "" and invalid["region.num_regions"] == "5"
+    assert "5 regions need as many attention heads, but vit_tiny_patch16_224 has 3" in invalid["error"]
+    assert not (exp / f"trial_{invalid['trial_id']}" / "train").exists()  # nothing trained
+    study = optuna.load_study(study_name="glare-sweep-tiny", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"]
+    summary = json.loads((exp / "summary.json").read_text())
+    assert summary["best"]["trial_id"] == base["trial_id"] and summary["status"] == {"COMPLETED": 1, "INVALID": 1}
+    assert load_config(exp / "best_config.yaml").loss.reg == 0.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _responds(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def ray_head(env: dict[str, str]) -> Iterator[str]:
+    """`ray start --head` on free ports with the venv first on PATH (a job's `python` is the head's); its address."""
+    ports = {name: _free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                             "ray-client-server-port")}
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    # --block keeps the head in this child; private_ray kills what it started by id afterwards.
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=2",
+         "--disable-usage-stats", "--dashboard-host=127.0.0.1", *(f"--{k}={v}" for k, v in ports.items())],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _responds(f"{address}/api/version"), 120, "the head's dashboard", alive=head)
+        yield address
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_sweep_as_a_ray_job_resumes_after_its_driver_is_killed(tmp_path):
+    """3 tiny trials submitted with `ray job submit`; the driver is SIGKILLed after the first finished; the same
+    submission resumes the sweep, runs the other two and writes the outputs."""
+    exp = tmp_path / "glare-sweep-tiny"
+    entrypoint = ["--", "python", "tune/sweep.py", "--sweep", "tiny", f"sweep.storage_path={tmp_path}"]
+    with private_ray() as env, ray_head(env) as address:
+        submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", "."]
+        first = subprocess.run([*submit, "--no-wait", *entrypoint], cwd=REPO, env=env, capture_output=True,
+                               text=True, timeout=120)
+        assert first.returncode == 0, first.stdout + first.stderr
+        done = wait_for(lambda: terminated_trials(exp), 300, "a finished trial")
+        drivers = [pid for pid in _pids_with(f"RAY_TMPDIR={env['RAY_TMPDIR']}".encode())
+                   if b"tune/sweep.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert drivers
+        for pid in drivers:
+            os.kill(pid, signal.SIGKILL)
+        finished = exp / f"trial_{done[0]}"
+        before = {name: (finished / name).read_bytes() for name in ("result.json", "train/metrics.jsonl")}
+        rerun = subprocess.run([*submit, *entrypoint], cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=420)
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0 and "succeeded" in out, out[-3000:]
+    assert f"[sweep] resuming {exp}" in out
+    assert len(done) == 1, done
+
+    rows = read_rows(exp)
+    assert len(rows) == 3 and len({r["trial_id"] for r in rows}) == 3 and rows[0]["trial_id"] == done[0]
+    assert sorted(p.name for p in exp.glob("trial_*")) == sorted(f"trial_{r['trial_id']}" for r in rows)
+    assert {name: (finished / name).read_bytes() for name in before} == before  # not rerun
+    for row in rows:
+        final, best, steps = float(row["miou_final"]), float(row["miou_best"]), int(row["steps"])
+        assert 0.0 < final <= best <= 1.0
+        # ASHA's rungs are steps 2 and 4; a trial it lets through trains all 6 steps.
+        assert (row["status"], steps) in {("COMPLETED", 6), ("STOPPED", 2), ("STOPPED", 4)}, row
+
+    # The study in SQLite holds the same three trials, the base point first, each with its mIoU curve.
+    study = optuna.load_study(study_name="glare-sweep-tiny", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    sweep = load_sweep("tiny")
+    base = sweep_base_config(sweep)
+    assert study.trials[0].params == base_point(sweep, base)
+    assert sorted(round(t.value, 9) for t in study.trials) == sorted(round(float(r["miou_final"]), 9) for r in rows)
+    assert all(len(t.intermediate_values) >= 1 for t in study.trials)
+
+    # best_config.yaml is the base config with the best completed trial's point, and loads.
+    summary = json.loads((exp / "summary.json").read_text())
+    best = {r["trial_id"]: r for r in rows}[summary["best"]["trial_id"]]
+    completed = [float(r["miou_final"]) for r in rows if r["status"] == "COMPLETED"]
+    assert best["status"] == "COMPLETED" and float(best["miou_final"]) == max(completed)
+    assert to_dict(load_config(exp / "best_config.yaml")) == to_dict(apply_point(base, summary["best"]["point"]))
+    assert {p.name for p in (exp / "plots").iterdir()} == {"history.png", "intermediate.png", "importance.png"}
