@@ -110,7 +110,7 @@ def test_first_points_are_the_base_then_the_given_ones_completed():
 def test_default_sweep_fits_the_main_job():
     sweep, cfg = load(parse_args([]))  # checked against configs/default.yaml
     assert (cfg.model.arch, sweep.num_samples) == ("vit_small_patch14_dinov2", 20)
-    assert scheduler_bounds(sweep, cfg) == (40, 120)
+    assert scheduler_bounds(sweep, cfg) == (20, 80)
     assert base_point(sweep, cfg)["region.num_regions"] == 6 and cfg.model.timm_kwargs == {}
 
 
