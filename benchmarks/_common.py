@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -41,25 +40,55 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def timed_cpu(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call of ``fn``.
+
+    CPU time (all threads) is much less sensitive than wall time to other processes sharing the cores,
+    so on a busy CPU machine its ratios are the steadier ones.
+    """
+    synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def median(values: Sequence[float]) -> float:
     """Median, or NaN for no values."""
     return statistics.median(values) if values else float("nan")
 
 
-def current_rss_mb() -> float:
-    """Resident set size of this process now, in MiB (Linux /proc; NaN elsewhere)."""
+def _proc_status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in MiB; NaN off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
 
 
+def current_rss_mb() -> float:
+    """Resident set size of this process now, in MiB."""
+    return _proc_status_mb("VmRSS")
+
+
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process (since start or :func:`reset_peak_rss`), in MiB.
+
+    VmHWM, not ``getrusage``'s ru_maxrss: Linux carries ru_maxrss across fork and exec, so a subprocess
+    would report at least its parent's peak.
+    """
+    return _proc_status_mb("VmHWM")
+
+
+def reset_peak_rss() -> None:
+    """Set the peak RSS to the current RSS (Linux >= 4.0; a no-op where /proc/self/clear_refs is missing)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def bf16_peak_flops(device: torch.device) -> float | None:

@@ -7,13 +7,16 @@ and centre-cropped (:func:`glare.data.pretrain.decode_image` in both).
 * ``ray_kornia``: :func:`glare.data.pretrain.build_pretrain_dataset` (Ray Data decode tasks) ->
   ``iter_torch_batches`` -> uint8 batch to the device -> :func:`glare.augment.make_views` (Kornia) there.
   This is what the training loop does.
+* ``ray_views_in_tasks``: the same, but ``make_views`` runs inside Ray Data tasks after decoding (one thread
+  each, in parallel), and the consumer only moves the views to the device: a candidate for CPU training.
 * ``torch_dataloader``: ``torch.utils.data.DataLoader`` with ``num_workers = --cpus``; each worker decodes
   and makes both views with torchvision's v2 CPU transforms (DINO's recipe: random resized crop, flip,
   colour jitter, grayscale, blur, solarise); the batch is then moved to the device. It does not impose
   GLARE's minimum overlap between the two crops (slightly less work than ``make_views``).
 
 The process (and so Ray's workers and the DataLoader's workers, which inherit it) is pinned to ``--cpus``
-cores, Ray gets ``num_cpus = --cpus``: both sides have the same CPUs. A warm-up pass is excluded; the
+cores, Ray gets ``num_cpus = --cpus``: all sides have the same CPUs. The consumer runs torch on
+``--consumer-threads`` (1, as a 1-CPU Ray Train worker does). A warm-up pass is excluded; the
 figure is the median over ``--passes`` passes. With ``--compare-step`` (always on CUDA) it also times
 ``make_views`` against a GLARE training step at the same batch and view size.
 
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import machine_summary, markdown_table, median, resolve_device, synchronize, timed, verdict
+from _common import load_average, machine_summary, markdown_table, median, resolve_device, synchronize, timed, verdict
 from PIL import Image
 
 from glare.augment import make_views
@@ -61,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-step", action="store_true",
                    help="also time make_views against a GLARE train step (always done on CUDA)")
     p.add_argument("--arch", default="vit_small_patch16_224", help="backbone of that train step")
-    p.add_argument("--pipelines", default="ray_kornia,torch_dataloader", help="comma-separated subset")
+    p.add_argument("--consumer-threads", type=int, default=1, help="torch threads of the consuming process")
+    p.add_argument("--pipelines", default="ray_kornia,ray_views_in_tasks,torch_dataloader",
+                   help="comma-separated subset")
     args = p.parse_args(argv)
     if args.base_size < args.view_size:
         p.error(f"--base-size ({args.base_size}) must be >= --view-size ({args.view_size})")
@@ -115,9 +120,8 @@ def image_files(folder: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------- pipelines
-def ray_kornia(folder: Path, args: argparse.Namespace, aug: AugmentConfig, device: torch.device
-               ) -> Callable[[], Iterator[int]]:
-    """GLARE's pipeline: Ray Data decode, iter_torch_batches, Kornia views on ``device``."""
+def _ray_dataset(folder: Path, args: argparse.Namespace):
+    """The pre-training dataset over ``folder`` (decoded anew on every pass), on a local Ray of ``--cpus``."""
     import ray
 
     if not ray.is_initialized():
@@ -125,13 +129,43 @@ def ray_kornia(folder: Path, args: argparse.Namespace, aug: AugmentConfig, devic
                  object_store_memory=512 * 2**20)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one INFO line per pass otherwise
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = build_pretrain_dataset(str(folder), args.base_size, materialize=False)  # decoded anew every pass
+    return build_pretrain_dataset(str(folder), args.base_size, materialize=False)
+
+
+def ray_kornia(folder: Path, args: argparse.Namespace, aug: AugmentConfig, device: torch.device
+               ) -> Callable[[], Iterator[int]]:
+    """GLARE's pipeline: Ray Data decode, iter_torch_batches, Kornia views on ``device`` (in the consumer)."""
+    ds = _ray_dataset(folder, args)
 
     def one_pass() -> Iterator[int]:
         for row in ds.iter_torch_batches(batch_size=args.batch):
             images = row["image"].to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
             views = make_views(images, aug)
             yield views.x1.shape[0]
+
+    return one_pass
+
+
+def _views_task(batch: dict[str, np.ndarray], aug: AugmentConfig) -> dict[str, np.ndarray]:
+    """Ray Data map: Kornia views of a decoded batch inside a Ray task (one thread, as a 1-CPU task)."""
+    torch.set_num_threads(1)
+    images = torch.from_numpy(np.array(batch["image"])).permute(0, 3, 1, 2).contiguous()
+    v = make_views(images, aug)
+    return {"x1": v.x1.numpy(), "x2": v.x2.numpy(), "box1": v.box1.numpy(), "box2": v.box2.numpy(),
+            "flip1": v.flip1.numpy(), "flip2": v.flip2.numpy()}
+
+
+def ray_views_in_tasks(folder: Path, args: argparse.Namespace, aug: AugmentConfig, device: torch.device
+                       ) -> Callable[[], Iterator[int]]:
+    """A variant for CPU training: the same Kornia views, made in parallel Ray Data tasks after decoding;
+    the consumer only moves the finished views to ``device``."""
+    ds = _ray_dataset(folder, args).map_batches(_views_task, fn_kwargs={"aug": aug}, batch_size=args.batch,
+                                                batch_format="numpy")
+
+    def one_pass() -> Iterator[int]:
+        for row in ds.iter_torch_batches(batch_size=args.batch):
+            views = {k: row[k].to(device, non_blocking=True) for k in ("x1", "x2")}
+            yield views["x1"].shape[0]
 
     return one_pass
 
@@ -180,15 +214,21 @@ def torch_dataloader(files: list[Path], args: argparse.Namespace, aug: AugmentCo
     return one_pass
 
 
-def time_passes(one_pass: Callable[[], Iterator[int]], passes: int, device: torch.device) -> list[tuple[int, float]]:
-    """(images, seconds) of each pass after one untimed warm-up pass."""
-    out = []
-    for p in range(passes + 1):
-        start = time.perf_counter()
-        n = sum(one_pass())
-        synchronize(device)
-        if p:
-            out.append((n, time.perf_counter() - start))
+def time_passes(pipelines: dict[str, Callable[[], Iterator[int]]], passes: int, device: torch.device
+                ) -> dict[str, list[tuple[int, float]]]:
+    """(images, seconds) of each timed pass of each pipeline, after one untimed warm-up pass each.
+
+    Passes are interleaved (round r runs every pipeline once), so a change in machine load during the
+    run hits every pipeline alike.
+    """
+    out: dict[str, list[tuple[int, float]]] = {name: [] for name in pipelines}
+    for r in range(passes + 1):
+        for name, one_pass in pipelines.items():
+            start = time.perf_counter()
+            n = sum(one_pass())
+            synchronize(device)
+            if r:
+                out[name].append((n, time.perf_counter() - start))
     return out
 
 
@@ -216,7 +256,9 @@ def main(argv: list[str] | None = None) -> None:
         if len(cores) < args.cpus:
             raise SystemExit(f"--cpus {args.cpus}: only {len(cores)} cores available")
         os.sched_setaffinity(0, cores[:args.cpus])
-    torch.set_num_threads(args.cpus)
+    # The consumer is a training process: a 1-CPU Ray Train worker runs torch on one thread. More threads
+    # here would also fight the decode workers for the same cores (OpenMP barriers stall under that).
+    torch.set_num_threads(args.consumer_threads)
     print(machine_summary(device))
     aug = AugmentConfig(view_size=args.view_size)
     folder = image_folder(args)
@@ -225,25 +267,26 @@ def main(argv: list[str] | None = None) -> None:
           f"views; batch {args.batch}; {args.cpus} CPUs; 1 warm-up + {args.passes} timed passes\n", flush=True)
 
     makers = {"ray_kornia": lambda: ray_kornia(folder, args, aug, device),
+              "ray_views_in_tasks": lambda: ray_views_in_tasks(folder, args, aug, device),
               "torch_dataloader": lambda: torch_dataloader(files, args, aug, device)}
     chosen = [p.strip() for p in args.pipelines.split(",") if p.strip()]
     unknown = sorted(set(chosen) - set(makers))
     if unknown:
         raise SystemExit(f"--pipelines: unknown {unknown}; choose from {sorted(makers)}")
+    results = time_passes({name: makers[name]() for name in chosen}, args.passes, device)
     rates: dict[str, float] = {}
     rows = []
-    for name in chosen:
-        results = time_passes(makers[name](), args.passes, device)
-        per_pass = [n / s for n, s in results]
+    for name, passes in results.items():
+        per_pass = [n / s for n, s in passes]
         rates[name] = median(per_pass)
-        rows.append([name, f"{rates[name]:.1f}", " / ".join(f"{r:.1f}" for r in per_pass),
-                     str(results[0][0])])
-        print(f"{name}: {rates[name]:.1f} img/s", flush=True)
+        rows.append([name, f"{rates[name]:.1f}", " / ".join(f"{r:.1f}" for r in per_pass), str(passes[0][0])])
     print()
     print(markdown_table(["pipeline", "img/s (median)", "per pass", "images/pass"], rows))
-    if len(rates) == 2:
-        r = rates["ray_kornia"] / rates["torch_dataloader"]
-        print(f"\nratio ray_kornia / torch_dataloader = {r:.2f} (goal on CPU: >= 1): {verdict(r >= 1)}")
+    print(f"(load average after the passes: {load_average()})")
+    if "torch_dataloader" in rates:
+        for name in (n for n in rates if n != "torch_dataloader"):
+            r = rates[name] / rates["torch_dataloader"]
+            print(f"ratio {name} / torch_dataloader = {r:.2f} (goal on CPU: >= 1): {verdict(r >= 1)}")
 
     if device.type == "cuda" or args.compare_step:
         views_s, step_s, cfg = views_vs_step(args, aug, device)

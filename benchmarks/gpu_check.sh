@@ -155,8 +155,8 @@ NOTES=()
 run_stage() {
     local name=$1 limit=$(($2 * SCALE)) pattern=$3 rc=0 start status
     shift 3
-    local log="$LOGDIR/$name.log"
-    echo "=== $name (limit ${limit}s): $*"
+    local log="$LOGDIR/$name.log" cmd="$*"
+    echo "=== $name (limit ${limit}s): ${cmd:0:160}"
     start=$(date +%s)
     timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1 || rc=$?
     case $rc in
@@ -184,8 +184,8 @@ if ((DRY)); then
         --arch vit_small_patch16_224)
     step_args=(--device cpu --arch vit_small_patch16_224 --img-size 64 --batch 4 --steps 1 --warmup 1)
 else
-    train_args=(ray.use_gpu=true ray.cpus_per_worker=2 train.steps=20 train.batch_size=16 train.log_every=5)
-    views_args=(--device cuda --cpus 8 --images 512 --batch 64 --passes 2)
+    train_args=(ray.use_gpu=true ray.cpus_per_worker=2 train.steps=20 train.batch_size=8 train.log_every=5)
+    views_args=(--device cuda --cpus 8 --images 512 --batch 64 --passes 2 --pipelines ray_kornia,torch_dataloader)
     step_args=(--device cuda --arch vit_small_patch16_224 --img-size 224 --batch 64 --steps 5 --warmup 2)
 fi
 run_stage train 90 '\[glare\] (done|step 20|mIoU)|error|Error' \

@@ -29,12 +29,15 @@ import torch
 from _common import (  # first: sets the offline/quiet environment before glare imports timm and Ray
     bf16_peak_flops,
     current_rss_mb,
+    load_average,
     machine_summary,
     markdown_table,
     median,
     peak_rss_mb,
+    reset_peak_rss,
     resolve_device,
     timed,
+    timed_cpu,
     verdict,
 )
 
@@ -76,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bf16 autocast on CUDA (train.amp; ignored on the CPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override applied to every variant, e.g. model.head.hidden_dim=512")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; default 1 on the CPU (what a 1-CPU Ray Train worker gets, and the only "
+                        "setting whose CPU time stays steady on a shared machine: OpenMP threads spin while a "
+                        "peer is descheduled), torch's default on CUDA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--terms", action="store_true",
                    help="also time forward_backward with each loss weight set to 0 in turn, plus all on")
@@ -156,17 +163,22 @@ def fwd_bwd_fn(cfg: GlareConfig, model: GlareModel, images: torch.Tensor) -> Cal
 
 
 def time_interleaved(fns: dict[str, Callable[[], None]], warmup: int, reps: int, device: torch.device,
-                     seed: int) -> dict[str, list[float]]:
-    """Seconds per call of each function; round r runs every function once, each after the same reseed
-    (so all variants see the same views and patch masks in that round)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
+                     seed: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds per call of each function.
+
+    Round r runs every function once, each after the same reseed (so all variants see the same views and
+    patch masks in that round); a change in machine load during the run then hits every variant alike.
+    """
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(warmup + reps):
         for name, fn in fns.items():
             torch.manual_seed(seed + 1000 + r)
-            t = timed(fn, device)
+            w, c = timed_cpu(fn, device)
             if r >= warmup:
-                times[name].append(t)
-    return times
+                wall[name].append(w)
+                cpu[name].append(c)
+    return wall, cpu
 
 
 def count(params) -> int:
@@ -204,6 +216,7 @@ def memory_probe(args: argparse.Namespace, device: torch.device) -> dict[str, fl
         # of MiB on first use, the same for every variant; that belongs in the baseline, not in the peak.
         tiny = load_config("tiny")
         step_fn(tiny, *build(tiny, device, args.seed), input_batch(tiny, device, args.seed))()
+        reset_peak_rss()
         base = current_rss_mb()
     if name == FROZEN:
         torch.manual_seed(args.seed)
@@ -237,36 +250,42 @@ def profile_step(fn: Callable[[], None], device: torch.device, rows: int, seed: 
     torch.manual_seed(seed)
     with profile(activities=activities) as prof:
         timed(fn, device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 FLOP_BUCKETS = (("adapters", "adapters"), ("local_head", "local heads"), ("head", "global heads"),
-                ("cross_attention", "region cross-attention"), ("losses", "loss terms"), ("", "backbone"))
+                ("cross_attention", "region cross-attention"), ("backbone", "backbone"), ("blocks", "backbone"),
+                ("patch_embed", "backbone"))
 
 
 def forward_flop_shares(model: GlareModel, images: torch.Tensor, seed: int) -> dict[str, float]:
-    """Forward FLOPs of one GLARE forward split by part (backbone, adapters, heads, ...).
+    """Forward FLOPs of one GLARE forward (teacher and student) split by part: backbone, adapters, heads, ...
 
-    Forward only: FlopCounterMode's module attribution of backward ops is unreliable. A module's own FLOPs
-    (its count minus that of its outermost counted descendants) go to the first bucket in its path.
+    Forward only: FlopCounterMode's module attribution of backward ops is unreliable. Its counts follow
+    the call stack, so a module's own FLOPs are its count minus that of its outermost counted
+    descendants; the loss modules are left out (they only call the heads, which are counted as such).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(seed)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(images, 0)
-    totals = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name != "Global"}
+    totals = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+              if name != "Global" and not name.startswith("GlareModel.losses")}
     out: dict[str, float] = {label: 0.0 for _, label in FLOP_BUCKETS}
-    out["views (Kornia)"] = 0.0
+    out.update({"views (Kornia)": 0.0, "other (attention maps, patch blur, regions)": 0.0})
     for name, flops in totals.items():
         inner = [k for k in totals if k.startswith(name + ".")]
         outermost = [k for k in inner if not any(k.startswith(o + ".") for o in inner)]
         own = flops - sum(totals[k] for k in outermost)
-        if not name.startswith("GlareModel"):
-            out["views (Kornia)"] += own
-            continue
-        out[next(label for key, label in FLOP_BUCKETS if not key or f".{key}" in name)] += own
+        parts = name.split(".")
+        if parts[0] != "GlareModel":
+            label = "views (Kornia)"
+        else:
+            label = next((lbl for key, lbl in FLOP_BUCKETS if key in parts[1:]),
+                         "other (attention maps, patch blur, regions)")
+        out[label] += own
     return out
 
 
@@ -293,10 +312,108 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+def report_steps(args: argparse.Namespace, device: torch.device, wall: dict[str, list[float]],
+                 cpu: dict[str, list[float]], memory: dict[str, dict[str, float] | str | None],
+                 counts: dict[str, dict[str, int]]) -> None:
+    """The main table: time, throughput, peak memory and parameters per variant."""
+    step_s = {name: median(t) for name, t in wall.items()}
+    cpu_s = {name: median(t) for name, t in cpu.items()}
+    on_cpu = device.type == "cpu"
+    rows = []
+    for name in wall:
+        c = counts.get(name)
+        share = f"{100 * c['trainable'] / c['backbone']:.1f} %" if c else "-"
+        rows.append([name, f"{step_s[name]:.3f}", *([f"{cpu_s[name]:.2f}"] if on_cpu else []),
+                     f"{args.batch / step_s[name]:.1f}", f"{ratio(step_s[name], step_s['glare']):.2f}",
+                     fmt_mb(memory[name]), f"{c['trainable']:,}" if c else "0", f"{c['adapters']:,}" if c else "0",
+                     share])
+    unit = "MiB allocated" if device.type == "cuda" else "MiB RSS above imports"
+    print(markdown_table(["variant", "s/step", *(["CPU s/step"] if on_cpu else []), "img/s", "time / glare",
+                          f"peak {unit}", "trainable params", "adapter params", "trainable / backbone"], rows))
+    print(f"(backbone parameters: {counts['glare']['backbone']:,}; times are medians of {args.steps}; every "
+          f"step's wall s: {'; '.join(f'{n} ' + ' '.join(f'{t:.2f}' for t in wall[n]) for n in wall)})\n")
+
+
+def report_targets(device: torch.device, wall: dict[str, list[float]], cpu: dict[str, list[float]],
+                   memory: dict[str, dict[str, float] | str | None]) -> None:
+    """PASS/MISS for the four targets.
+
+    Time ratios: on CUDA, of wall-clock medians. On the CPU, of process CPU-time medians (wall shown
+    beside): CPU time does not count the time other processes hold the cores, which on a shared machine
+    swings wall-clock times by 2x from step to step.
+    """
+    def time_ratio(a: str, b: str) -> tuple[float, str]:
+        r_wall = ratio(median(wall[a]), median(wall[b]))
+        if device.type != "cpu":
+            return r_wall, f"{r_wall:.2f}"
+        r_cpu = ratio(median(cpu[a]), median(cpu[b]))
+        return r_cpu, f"{r_cpu:.2f} CPU time ({r_wall:.2f} wall)"
+
+    (t_ad, t_ad_s), (t_full, t_full_s) = time_ratio("glare", "dino_adapter"), time_ratio("glare", "dino_full")
+    targets = [["time glare / dino_adapter", t_ad_s, f"<= {TARGET_TIME_VS_ADAPTER}",
+                verdict(t_ad <= TARGET_TIME_VS_ADAPTER)],
+               ["time glare / dino_full", t_full_s, f"<= {TARGET_TIME_VS_FULL}",
+                verdict(t_full <= TARGET_TIME_VS_FULL)]]
+    mg, mf = memory["glare"], memory["dino_full"]
+    if isinstance(mg, dict) and isinstance(mf, dict):
+        m_full = ratio(mg["peak_mb"] - mg["base_mb"], mf["peak_mb"] - mf["base_mb"])
+        targets.append(["peak memory glare / dino_full", f"{m_full:.2f}", f"<= {TARGET_MEMORY_VS_FULL}",
+                        verdict(m_full <= TARGET_MEMORY_VS_FULL)])
+    arch, n_adapt, n_backbone, n_train = default_share()
+    share = n_adapt / n_backbone
+    targets.append([f"adapters / backbone at defaults ({arch})", f"{100 * share:.2f} %",
+                    f"<= {100 * TARGET_ADAPTER_SHARE:.0f} %", verdict(share <= TARGET_ADAPTER_SHARE)])
+    targets.append(["(info) all trainable incl. training-only heads / backbone at defaults",
+                    f"{100 * n_train / n_backbone:.1f} %", "-", "-"])
+    print(markdown_table(["target", "measured", "goal", "result"], targets), flush=True)
+
+
+def report_terms(args: argparse.Namespace, device: torch.device, cfg: GlareConfig, images: torch.Tensor) -> None:
+    """forward_backward time with each loss weight set to 0 in turn, and all on (same batch, same views)."""
+    print(f"\nPer-term cost: forward_backward only (no optimiser/EMA), same batch and views, median of {args.steps}")
+    term_cfgs = {"all on": cfg, **{f"{t}=0": config_for(args, device, f"loss.{t}=0") for t in TERMS}}
+    fns = {name: fwd_bwd_fn(c, build(c, device, args.seed)[0], images) for name, c in term_cfgs.items()}
+    wall, cpu = time_interleaved(fns, args.warmup, args.steps, device, args.seed)
+    base_w, base_c = median(wall["all on"]), median(cpu["all on"])
+    on_cpu = device.type == "cpu"
+    rows = []
+    for name in fns:
+        w, c = median(wall[name]), median(cpu[name])
+        cost = "-" if name == "all on" else f"{base_w - w:+.3f} ({100 * (base_w - w) / base_w:.0f} %)"
+        cpu_cost = "-" if name == "all on" else f"{base_c - c:+.2f} ({100 * (base_c - c) / base_c:.0f} %)"
+        rows.append([name, f"{w:.3f}", *([f"{c:.2f}"] if on_cpu else []), cost, *([cpu_cost] if on_cpu else [])])
+    print(markdown_table(["loss weights", "fwd+bwd s", *(["CPU s"] if on_cpu else []), "term's cost: all on - this",
+                          *(["term's CPU cost"] if on_cpu else [])], rows), flush=True)
+
+
+def report_flops(args: argparse.Namespace, device: torch.device, fns: dict[str, Callable[[], None]],
+                 wall: dict[str, list[float]], model: GlareModel, images: torch.Tensor) -> None:
+    """FLOPs per step, achieved FLOP/s and model FLOP utilisation; GLARE's forward FLOPs by part."""
+    peak = bf16_peak_flops(device)
+    print(f"\nFLOPs per step (FlopCounterMode: matmul, conv, attention), bf16 peak "
+          f"{'%.0f TFLOP/s' % (peak / 1e12) if peak else 'unknown for this device'}")
+    rows = []
+    for name, fn in fns.items():
+        flops = step_flops(fn, args.seed)
+        achieved = flops / median(wall[name])
+        rows.append([name, f"{flops / 1e9:.2f}", f"{achieved / 1e12:.4f}",
+                     f"{100 * achieved / peak:.1f} %" if peak else "-"])
+    print(markdown_table(["variant", "GFLOP/step", "achieved TFLOP/s", "MFU (of bf16 peak)"], rows))
+    shares = forward_flop_shares(model, images, args.seed)
+    total = sum(shares.values())
+    print("\nGLARE forward FLOPs by part (teacher + student):")
+    print(markdown_table(["part", "GFLOP", "share"],
+                         [[k, f"{v / 1e9:.2f}", f"{100 * v / total:.1f} %"] for k, v in shares.items() if v]),
+          flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     device = resolve_device(args.device)
+    threads = args.threads or (1 if device.type == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
     if args.memory_probe:
         print(MEMORY_TAG + json.dumps(memory_probe(args, device)), flush=True)
         return
@@ -312,92 +429,31 @@ def main(argv: list[str] | None = None) -> None:
     built = {name: build(c, device, args.seed) for name, c in cfgs.items()}
     fns: dict[str, Callable[[], None]] = {name: step_fn(cfgs[name], *built[name], images) for name in built}
     fns[FROZEN] = frozen_fn(cfg, built["glare"][0].backbone, images)
-    times = time_interleaved(fns, args.warmup, args.steps, device, args.seed)
-    step_s = {name: median(t) for name, t in times.items()}
+    wall, cpu = time_interleaved(fns, args.warmup, args.steps, device, args.seed)
     for name, fn in fns.items():
         skipped = getattr(fn, "state", {}).get("skipped", 0)
         if skipped:
             print(f"warning: {name}: {skipped} step(s) had a non-finite loss and skipped the update")
 
-    fwd_argv = [a for a in argv if a not in ("--terms", "--profile", "--flops")]
-    memory: dict[str, dict[str, float] | str | None] = {name: None for name in fns}
-    if args.memory:
-        for name in fns:
-            memory[name] = measure_memory(name, fwd_argv)
-
+    probe_argv = [a for a in argv if a not in ("--terms", "--profile", "--flops")]
+    memory = {name: measure_memory(name, probe_argv) if args.memory else None for name in fns}
     counts = {name: param_counts(model) for name, (model, _) in built.items()}
-    rows = []
-    for name in fns:
-        c = counts.get(name)
-        share = f"{100 * c['trainable'] / c['backbone']:.1f} %" if c else "-"
-        rows.append([name, f"{step_s[name]:.3f}", f"{args.batch / step_s[name]:.1f}",
-                     f"{ratio(step_s[name], step_s['glare']):.2f}", fmt_mb(memory[name]),
-                     f"{c['trainable']:,}" if c else "0", f"{c['adapters']:,}" if c else "0", share])
-    unit = "MiB allocated" if device.type == "cuda" else "MiB RSS above imports"
-    print(markdown_table(["variant", "s/step", "img/s", "time / glare", f"peak {unit}", "trainable params",
-                          "adapter params", "trainable / backbone"], rows))
-    print(f"(backbone parameters: {counts['glare']['backbone']:,}; times are medians of {args.steps}; "
-          f"all steps: {', '.join(f'{n} ' + '/'.join(f'{t:.2f}' for t in times[n]) for n in times)})\n")
-
-    t_ad = ratio(step_s["glare"], step_s["dino_adapter"])
-    t_full = ratio(step_s["glare"], step_s["dino_full"])
-    targets = [["time glare / dino_adapter", f"{t_ad:.2f}", f"<= {TARGET_TIME_VS_ADAPTER}",
-                verdict(t_ad <= TARGET_TIME_VS_ADAPTER)],
-               ["time glare / dino_full", f"{t_full:.2f}", f"<= {TARGET_TIME_VS_FULL}",
-                verdict(t_full <= TARGET_TIME_VS_FULL)]]
-    mg, mf = memory["glare"], memory["dino_full"]
-    if isinstance(mg, dict) and isinstance(mf, dict):
-        m_full = ratio(mg["peak_mb"] - mg["base_mb"], mf["peak_mb"] - mf["base_mb"])
-        targets.append(["peak memory glare / dino_full", f"{m_full:.2f}", f"<= {TARGET_MEMORY_VS_FULL}",
-                        verdict(m_full <= TARGET_MEMORY_VS_FULL)])
-    arch, n_adapt, n_backbone, n_train = default_share()
-    share = n_adapt / n_backbone
-    targets.append([f"adapters / backbone at defaults ({arch})", f"{100 * share:.2f} %",
-                    f"<= {100 * TARGET_ADAPTER_SHARE:.0f} %", verdict(share <= TARGET_ADAPTER_SHARE)])
-    targets.append(["(info) all trainable incl. training-only heads / backbone at defaults",
-                    f"{100 * n_train / n_backbone:.1f} %", "-", "-"])
-    print(markdown_table(["target", "measured", "goal", "result"], targets), flush=True)
-
+    print(f"load average after the timed steps: {load_average()}")
+    report_steps(args, device, wall, cpu, memory, counts)
+    report_targets(device, wall, cpu, memory)
     if args.terms:
-        print("\nPer-term cost: forward_backward only (no optimiser/EMA), same batch and views, "
-              f"median of {args.steps}")
-        term_cfgs = {"all on": cfg, **{f"{t}=0": config_for(args, device, f"loss.{t}=0") for t in TERMS}}
-        term_fns = {name: fwd_bwd_fn(c, build(c, device, args.seed)[0], images) for name, c in term_cfgs.items()}
-        term_times = {k: median(v) for k, v in
-                      time_interleaved(term_fns, args.warmup, args.steps, device, args.seed).items()}
-        base_t = term_times["all on"]
-        rows = [[name, f"{t:.3f}", "-" if name == "all on" else f"{base_t - t:+.3f}",
-                 "-" if name == "all on" else f"{100 * (base_t - t) / base_t:.0f} %"]
-                for name, t in term_times.items()]
-        print(markdown_table(["loss weights", "fwd+bwd s", "term's cost (all on - this)", "share of all on"],
-                             rows), flush=True)
-
+        report_terms(args, device, cfg, images)
     if args.flops:
-        peak = bf16_peak_flops(device)
-        print(f"\nFLOPs per step (FlopCounterMode; matmul/conv/attention only), bf16 peak "
-              f"{'%.0f TFLOP/s' % (peak / 1e12) if peak else 'unknown for this device'}")
-        rows = []
-        for name, fn in fns.items():
-            flops = step_flops(fn, args.seed)
-            achieved = flops / step_s[name]
-            rows.append([name, f"{flops / 1e9:.2f}", f"{achieved / 1e12:.4f}",
-                         f"{100 * achieved / peak:.1f} %" if peak else "-"])
-        print(markdown_table(["variant", "GFLOP/step", "achieved TFLOP/s", "MFU (of bf16 peak)"], rows))
-        shares = forward_flop_shares(built["glare"][0], images, args.seed)
-        total = sum(shares.values())
-        print("\nGLARE forward FLOPs by part (teacher + student):")
-        print(markdown_table(["part", "GFLOP", "share"],
-                             [[k, f"{v / 1e9:.2f}", f"{100 * v / total:.1f} %"] for k, v in shares.items() if v]),
-              flush=True)
-
+        report_flops(args, device, fns, wall, built["glare"][0], images)
     if args.profile:
         for name in VARIANTS:
             print(f"\ntorch.profiler, one {name} step, top {args.profile_rows} ops by self time:")
             print(profile_step(fns[name], device, args.profile_rows, args.seed), flush=True)
+    print(f"\nload average at the end: {load_average()}")
 
 
 if __name__ == "__main__":
     try:
         main()
     except ConfigError as err:
-        raise SystemExit(f"step_cost: {err}") from None
+        raise SystemExit(f"step_cost: {err} (change it with --set KEY=VALUE)") from None
