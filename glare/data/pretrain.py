@@ -40,6 +40,7 @@ SKIP_LOG_NAME = "glare_skipped_images"
 # Rows per block when the set is large; small sets get at least two blocks per CPU instead.
 _ROWS_PER_BLOCK = 64
 _GLOB_CHARS = "*?["
+_LIVE_SKIP_LOG: list = [None]
 
 
 @ray.remote(num_cpus=0)  # bookkeeping only: never hold a CPU that a decode task could use
@@ -233,6 +234,9 @@ def build_pretrain_dataset(
     if not ray.is_initialized():
         ray.init()
     skip_log = _SkipLog.options(name=SKIP_LOG_NAME, get_if_exists=True).remote()
+    # A non-detached actor lives only while its creator holds a handle; the copy inside the lazy
+    # dataset plan does not count, so keep one here for as long as this process drives the job.
+    _LIVE_SKIP_LOG[0] = skip_log
     encoded, column, rows_are_files = _read(source, image_column)
     ds = encoded.map_batches(
         _decode_batch,
