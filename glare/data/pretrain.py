@@ -40,7 +40,7 @@ SKIP_LOG_NAME = "glare_skipped_images"
 # Rows per block when the set is large; small sets get at least two blocks per CPU instead.
 _ROWS_PER_BLOCK = 64
 _GLOB_CHARS = "*?["
-_LIVE_SKIP_LOG: list = [None]
+_SKIP_LOG_HANDLES: list = []
 
 
 @ray.remote(num_cpus=0)  # bookkeeping only: never hold a CPU that a decode task could use
@@ -234,9 +234,10 @@ def build_pretrain_dataset(
     if not ray.is_initialized():
         ray.init()
     skip_log = _SkipLog.options(name=SKIP_LOG_NAME, get_if_exists=True).remote()
-    # A non-detached actor lives only while its creator holds a handle; the copy inside the lazy
-    # dataset plan does not count, so keep one here for as long as this process drives the job.
-    _LIVE_SKIP_LOG[0] = skip_log
+    # A non-detached actor lives only while the handle that *created* it does; copies inside the
+    # lazy plan and handles from later `get_if_exists` calls do not count. Keep every handle (they
+    # are tiny) so the creating one stays alive as long as this process drives the job.
+    _SKIP_LOG_HANDLES.append(skip_log)
     encoded, column, rows_are_files = _read(source, image_column)
     ds = encoded.map_batches(
         _decode_batch,
