@@ -94,7 +94,7 @@ def _centre_worker(rank: int, port: int, queue) -> None:
     # rank 0 sees 1 row, rank 1 sees 3 rows: the centre is the mean over all 4 rows.
     rows = torch.tensor([[4.0, 0, 0, 0]]) if rank == 0 else torch.tensor([[0.0, 4, 0, 0]] * 3)
     ce.update_center(rows)
-    queue.put((rank, ce.center.clone()))
+    queue.put((rank, ce.center.tolist()))  # plain data: a tensor would be shared through an fd the child closes
     dist.destroy_process_group()
 
 
@@ -105,7 +105,7 @@ def test_centres_identical_across_two_gloo_workers():
     procs = [ctx.Process(target=_centre_worker, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
+    results = {rank: torch.tensor(center) for rank, center in (queue.get(timeout=120) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
     expected = 0.1 * torch.tensor([[1.0, 3.0, 0.0, 0.0]])
