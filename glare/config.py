@@ -62,6 +62,10 @@ class ModelConfig:
     tune: str = "adapters"
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    # The patch-level head of L_loc1/L_loc2. It runs on ~90 % of all patch tokens (the global head on a
+    # few tokens per image), so it is narrower: with 2048 hidden it was a quarter of a step's FLOPs
+    # (benchmarks/README.md). It always starts from random init: checkpoints carry no patch head.
+    local_head: HeadConfig = field(default_factory=lambda: HeadConfig(hidden_dim=512))
     momentum_start: float = 0.996
     momentum_end: float = 1.0
 
@@ -274,10 +278,10 @@ def validate(cfg: GlareConfig) -> None:
     _check(m.adapter.bottleneck >= 1, "model.adapter.bottleneck", f"must be >= 1, got {m.adapter.bottleneck}")
     _check(m.img_size >= 8, "model.img_size", f"must be >= 8, got {m.img_size}")
     _check(m.global_token >= 0, "model.global_token", f"must be >= 0, got {m.global_token}")
-    for name in ("hidden_dim", "bottleneck_dim", "out_dim"):
-        v = getattr(m.head, name)
-        _check(v >= 1, f"model.head.{name}", f"must be >= 1, got {v}")
-    _check(m.head.layers >= 1, "model.head.layers", f"must be >= 1, got {m.head.layers}")
+    for head in ("head", "local_head"):
+        for name in ("hidden_dim", "bottleneck_dim", "out_dim", "layers"):
+            v = getattr(getattr(m, head), name)
+            _check(v >= 1, f"model.{head}.{name}", f"must be >= 1, got {v}")
     _check(0.0 <= m.momentum_start <= m.momentum_end <= 1.0, "model.momentum_start",
            f"needs 0 <= momentum_start <= momentum_end <= 1, got {m.momentum_start}, {m.momentum_end}")
     for name in ("glob", "reg", "loc1", "loc2"):

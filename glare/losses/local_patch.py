@@ -14,16 +14,16 @@ Head = Callable[[torch.Tensor], torch.Tensor]
 class PatchConsistencyLoss(CenteredCrossEntropy):
     """Patch-augmentation consistency, on the distorted patches only."""
 
-    def forward(self, student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, distorted: torch.Tensor,
-                student_head: Head, teacher_head: Head, teacher_temp: float) -> torch.Tensor:
-        """Tokens (B, N, D) of X~ (student) and of the clean X (teacher); ``distorted`` (B, N) bool.
+    def forward(self, student_logits: torch.Tensor, teacher_tokens: torch.Tensor, distorted: torch.Tensor,
+                teacher_head: Head, teacher_temp: float) -> torch.Tensor:
+        """``student_logits`` (M, K): the student's local head on the M distorted patches of X~, in
+        row-major (image, patch) order; ``teacher_tokens`` (B, N, D) of the clean X; ``distorted`` (B, N) bool.
 
-        The heads run on the selected patches alone, which keeps their cost to
-        the distorted fraction of the grid.
+        The student's head runs outside (the model makes one pass for both local terms); the teacher's
+        runs here, on the selected patches alone.
         """
-        s = student_head(student_tokens[distorted])
         with torch.no_grad():
             t = teacher_head(teacher_tokens[distorted])
-        loss = self.cross_entropy(s, t, teacher_temp)
+        loss = self.cross_entropy(student_logits, t, teacher_temp)
         self.update_center(t)
         return loss

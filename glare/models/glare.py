@@ -8,6 +8,7 @@ image batch and a gradient lives here.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Literal
 
 import torch
@@ -62,15 +63,18 @@ class GlareModel(nn.Module):
         if lo.glob > 0 or lo.reg > 0:
             student["head"] = DinoHead(dim, cfg.model.head)
         if lo.loc1 > 0 or lo.loc2 > 0:
-            student["local_head"] = DinoHead(dim, cfg.model.head)
+            student["local_head"] = DinoHead(dim, cfg.model.local_head)
         if lo.reg > 0 and reg.correspondence == "cross_attention":
             student["cross_attention"] = RegionCrossAttention(dim)
         self.student = student
         self.teacher = copy.deepcopy(student).requires_grad_(False)
 
-        k, args = cfg.model.head.out_dim, (lo.student_temp, lo.center_momentum)
-        terms = {"glob": GlobalLoss, "reg": RegionalLoss, "loc1": PatchConsistencyLoss, "loc2": InterViewLocalLoss}
-        self.losses = nn.ModuleDict({name: cls(k, *args) for name, cls in terms.items() if getattr(lo, name) > 0})
+        args = (lo.student_temp, lo.center_momentum)
+        k, k_local = cfg.model.head.out_dim, cfg.model.local_head.out_dim
+        terms = {"glob": (GlobalLoss, k), "reg": (RegionalLoss, k), "loc1": (PatchConsistencyLoss, k_local),
+                 "loc2": (InterViewLocalLoss, k_local)}
+        self.losses = nn.ModuleDict({name: cls(dim_k, *args) for name, (cls, dim_k) in terms.items()
+                                     if getattr(lo, name) > 0})
 
     # ----------------------------------------------------------------- encoders
     @property
@@ -150,18 +154,35 @@ class GlareModel(nn.Module):
         if "reg" in self.losses:
             out["reg"] = self.losses["reg"](*self._regions(s, t, b, geometry, reverse),
                                             self.student["head"], self.teacher["head"], temp)
+        local: dict[str, torch.Tensor] = {}  # loss term -> (2B, N) patches of X~ it supervises
         if "loc1" in self.losses:
-            out["loc1"] = self.losses["loc1"](s.patches, t.patches, mask,
-                                              self.student["local_head"], self.teacher["local_head"], temp)
+            local["loc1"] = mask
         if "loc2" in self.losses:
             c12, in12 = match_patches(*geometry)
             c21, in21 = match_patches(*reverse)
+            local["loc2"] = torch.cat([in12, in21])
+        logits = self._student_local_logits(s.patches, local) if local else {}
+        if "loc1" in self.losses:
+            out["loc1"] = self.losses["loc1"](logits["loc1"], t.patches, mask, self.teacher["local_head"], temp)
+        if "loc2" in self.losses:
             t1, t2 = t.patch_map().split(b)
-            out["loc2"] = self.losses["loc2"](s.patches, torch.cat([t2, t1]), torch.cat([c12, c21]),
-                                              torch.cat([in12, in21]), self.student["local_head"],
-                                              self.teacher["local_head"], temp)
+            out["loc2"] = self.losses["loc2"](logits["loc2"], torch.cat([t2, t1]), torch.cat([c12, c21]),
+                                              local["loc2"], self.teacher["local_head"], temp)
         out["loss"] = sum(getattr(lo, name) * value for name, value in out.items())
         return out
+
+    def _student_local_logits(self, patches: torch.Tensor, selections: dict[str, torch.Tensor]
+                              ) -> dict[str, torch.Tensor]:
+        """The student's local-head logits on each term's selected patches, from ONE head pass.
+
+        The head runs once on the union of the selections (distorted and inside-the-other-view
+        patches overlap by about a quarter of the grid), then each term takes its rows, in the
+        row-major order ``patches[selection]`` would give. Same numbers as one pass per term.
+        """
+        union = functools.reduce(torch.logical_or, selections.values())
+        logits = self.student["local_head"](patches[union])
+        row = union.flatten().cumsum(0) - 1  # each selected patch's row in `logits`
+        return {name: logits[row[sel.flatten()]] for name, sel in selections.items()}
 
     def _regions(self, s: Features, t: Features, b: int, geometry: tuple, reverse: tuple
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

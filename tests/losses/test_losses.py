@@ -61,7 +61,7 @@ def test_zero_weight_terms_are_not_computed(tiny_cfg, monkeypatch):
     model.student["local_head"].register_forward_hook(lambda *a: calls.__setitem__("local_head",
                                                                                  calls["local_head"] + 1))
     model.forward_backward(_images(), step=0)
-    assert calls == {"attention": 0, "local_head": 2}  # loc1 and loc2 each call the student's local head once
+    assert calls == {"attention": 0, "local_head": 1}  # one student local-head pass serves loc1 and loc2
     model = _model(tiny_cfg("loss.loc1=0", "loss.loc2=0"))
     assert "local_head" not in model.student
     model.forward_backward(_images(), step=0)
@@ -128,6 +128,7 @@ def test_200_steps_on_8_images_learn_without_collapse(natural_images):
     cfg = load_config(None, [
         "model.img_size=56", "augment.view_size=56", "data.base_size=64", "train.steps=200",
         "model.head.out_dim=256", "model.head.hidden_dim=256", "model.head.bottleneck_dim=64",
+        "model.local_head.out_dim=256", "model.local_head.hidden_dim=256", "model.local_head.bottleneck_dim=64",
         "loss.teacher_temp_warmup_steps=0", "loss.teacher_temp_start=0.04", "loss.teacher_temp=0.04",
         "model.momentum_start=0.99"])
     torch.manual_seed(0)

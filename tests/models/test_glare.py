@@ -56,6 +56,31 @@ def test_only_adapters_heads_and_cross_attention_train(tiny_cfg):
     assert not any(p.requires_grad for p in model.teacher.parameters())
 
 
+def test_local_head_has_its_own_size(tiny_cfg):
+    model = _model(tiny_cfg("model.local_head.hidden_dim=24", "model.local_head.out_dim=40"))
+    assert model.student["local_head"].mlp[0].out_features == 24
+    assert model.student["local_head"].prototypes.shape[0] == 40
+    assert model.losses["loc1"].center.shape[1] == model.losses["loc2"].center.shape[1] == 40
+    assert model.losses["glob"].center.shape[1] == model.cfg.model.head.out_dim != 40
+
+
+def test_one_local_head_pass_equals_one_pass_per_term(tiny_cfg):
+    model = _model(tiny_cfg())
+    g = torch.Generator().manual_seed(0)
+    patches = torch.randn(4, 16, model.backbone.embed_dim, generator=g, requires_grad=True)
+    selections = {"loc1": torch.rand(4, 16, generator=g) < 0.3, "loc2": torch.rand(4, 16, generator=g) < 0.8}
+    shared = model._student_local_logits(patches, selections)
+    for name, sel in selections.items():
+        alone = model.student["local_head"](patches[sel])
+        assert shared[name].shape == alone.shape
+        assert torch.allclose(shared[name], alone, atol=1e-6), name
+    # and the gradient reaching the tokens is the same as from two separate passes
+    sum(v.square().sum() for v in shared.values()).backward()
+    grad_shared, patches.grad = patches.grad.clone(), None
+    sum(model.student["local_head"](patches[s]).square().sum() for s in selections.values()).backward()
+    assert torch.allclose(grad_shared, patches.grad, atol=1e-5)
+
+
 def test_one_step_keeps_backbone_and_moves_teacher_by_ema(tiny_cfg):
     model = _model(tiny_cfg())
     backbone0 = {k: v.clone() for k, v in model.backbone.state_dict().items()}
