@@ -51,7 +51,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from glare.config import ConfigError, GlareConfig, _resolve_preset, load_config, to_yaml  # noqa: E402
+from glare.config import ConfigError, GlareConfig, load_config, resolve_preset, to_yaml  # noqa: E402
 from glare.eval.protocol import ProbeData  # noqa: E402
 
 DEFAULT_PRESET = "study_mosaic"
@@ -129,7 +129,7 @@ def load_study(preset: str | Path, overrides: Sequence[str], out: Path) -> tuple
             raise ConfigError(f"override {item!r} is not of the form key=value")
     study_items = [o.removeprefix("study.") for o in overrides if o.startswith("study.")]
     run_items = [o for o in overrides if not o.startswith("study.")]
-    body = OmegaConf.load(_resolve_preset(preset))
+    body = OmegaConf.load(resolve_preset(preset))
     section = body.pop("study", None) or {}
     try:
         merged = OmegaConf.merge(OmegaConf.structured(StudyConfig), section, OmegaConf.from_dotlist(study_items))

@@ -32,6 +32,10 @@ class AdapterConfig:
     bottleneck: int = 64
     scale: float = 0.1
     learnable_scale: bool = False
+    # Adapters in blocks first_block..depth-1 only. 0 (every block) is the paper's setting. A later first
+    # block is cheaper, not free: nothing below it needs a graph, so the student's backward and its
+    # saved activations shrink to the adapted blocks (benchmarks/README.md measures it).
+    first_block: int = 0
 
 
 @dataclass
@@ -63,9 +67,9 @@ class ModelConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     # The patch-level head of L_loc1/L_loc2. It runs on ~90 % of all patch tokens (the global head on a
-    # few tokens per image), so it is narrower: with 2048 hidden it was a quarter of a step's FLOPs
+    # few tokens per image), so it is narrower: as wide as `head` it was a quarter of a step's FLOPs
     # (benchmarks/README.md). It always starts from random init: checkpoints carry no patch head.
-    local_head: HeadConfig = field(default_factory=lambda: HeadConfig(hidden_dim=512))
+    local_head: HeadConfig = field(default_factory=lambda: HeadConfig(hidden_dim=512, out_dim=2048))
     momentum_start: float = 0.996
     momentum_end: float = 1.0
 
@@ -215,7 +219,7 @@ class GlareConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-def _resolve_preset(path: str | Path) -> Path:
+def resolve_preset(path: str | Path) -> Path:
     """Find a preset by path, or by name inside ``configs/``."""
     p = Path(path)
     for cand in (p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
@@ -240,7 +244,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     layers: list[DictConfig] = []
     try:
         if path is not None:
-            preset = _resolve_preset(path)
+            preset = resolve_preset(path)
             layers.append(OmegaConf.load(preset))
         overrides = list(overrides)
         for item in overrides:
@@ -276,6 +280,7 @@ def validate(cfg: GlareConfig) -> None:
     )
     _check(m.tune in ("adapters", "full"), "model.tune", f"must be 'adapters' or 'full', got {m.tune!r}")
     _check(m.adapter.bottleneck >= 1, "model.adapter.bottleneck", f"must be >= 1, got {m.adapter.bottleneck}")
+    _check(m.adapter.first_block >= 0, "model.adapter.first_block", f"must be >= 0, got {m.adapter.first_block}")
     _check(m.img_size >= 8, "model.img_size", f"must be >= 8, got {m.img_size}")
     _check(m.global_token >= 0, "model.global_token", f"must be >= 0, got {m.global_token}")
     for head in ("head", "local_head"):

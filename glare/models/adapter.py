@@ -32,11 +32,18 @@ class UniAdapter(nn.Module):
         return self.scale * self.up(torch.relu(self.down(self.norm(x))))
 
 
-def build_adapters(dim: int, depth: int, cfg: AdapterConfig) -> nn.ModuleList:
-    """One :class:`UniAdapter` per block."""
-    return nn.ModuleList(
-        UniAdapter(dim, cfg.bottleneck, cfg.scale, cfg.learnable_scale) for _ in range(depth)
-    )
+def build_adapters(dim: int, depth: int, cfg: AdapterConfig) -> nn.ModuleDict:
+    """One :class:`UniAdapter` per adapted block, keyed by the block's index (``"0"`` .. ``"depth-1"``).
+
+    Keyed by block rather than listed, so that ``cfg.first_block > 0`` leaves the early blocks
+    without an adapter while every state key (``"{block}.down.weight"``) still names its block.
+    """
+    if not 0 <= cfg.first_block < depth:
+        raise ValueError(f"model.adapter.first_block={cfg.first_block} must lie in [0, {depth - 1}] "
+                         f"for a ViT of {depth} blocks")
+    return nn.ModuleDict({
+        str(i): UniAdapter(dim, cfg.bottleneck, cfg.scale, cfg.learnable_scale) for i in range(cfg.first_block, depth)
+    })
 
 
 def adapted_block(block: nn.Module, adapter: nn.Module | None, x: torch.Tensor) -> torch.Tensor:

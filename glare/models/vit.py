@@ -8,7 +8,7 @@ into) calls it with its own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import timm
@@ -93,14 +93,17 @@ def global_token_attention(block: nn.Module, x: torch.Tensor, token: int, num_pr
 
 def encode(
     vit: nn.Module,
-    adapters: Sequence[nn.Module] | None,
+    adapters: Mapping[str, nn.Module] | None,
     images: torch.Tensor,
     *,
     attention: bool = False,
     global_token: int = 0,
     blocks: Sequence[int] = (),
 ) -> Features:
-    """Run the ViT on images in [0, 1] with ``adapters`` (None: the plain backbone).
+    """Run the ViT on images in [0, 1] with ``adapters`` (block index -> adapter; None: the plain backbone).
+
+    With a frozen backbone, autograd records nothing below the first adapter (no input there needs a
+    gradient), which is what makes a later ``model.adapter.first_block`` cheaper to train.
 
     Args:
         attention: also return the last block's global-token attention maps.
@@ -115,10 +118,11 @@ def encode(
     wanted = {b % depth for b in blocks}
     hidden: list[torch.Tensor] = []
     cls_attn = None
+    adapters = adapters if adapters is not None else {}
     for i, block in enumerate(vit.blocks):
         if attention and i == depth - 1:
             cls_attn = global_token_attention(block, x, global_token, p)
-        x = adapted_block(block, None if adapters is None else adapters[i], x)
+        x = adapted_block(block, adapters[str(i)] if str(i) in adapters else None, x)
         if i in wanted:
             hidden.append(vit.norm(x)[:, p:])
     x = vit.norm(x)
@@ -127,13 +131,13 @@ def encode(
 
 
 class AdaptedViT(nn.Module):
-    """A timm ViT with one UniAdapter per block: what GLARE exports and evaluates.
+    """A timm ViT with a UniAdapter per block (from ``first_block``): what GLARE exports and evaluates.
 
     ``forward_features`` matches timm's (B, P + N, D) output, so downstream code
     written for timm ViTs works unchanged.
     """
 
-    def __init__(self, vit: nn.Module, adapters: nn.ModuleList | None = None,
+    def __init__(self, vit: nn.Module, adapters: nn.ModuleDict | None = None,
                  adapter_cfg: AdapterConfig | None = None) -> None:
         super().__init__()
         self.vit = vit

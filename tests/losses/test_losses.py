@@ -36,7 +36,7 @@ def test_each_term_trains_adapters_and_never_the_backbone(tiny_cfg, term):
     assert out[term] > 0
     assert all(p.grad is None for p in model.backbone.parameters())
     assert all(p.grad is None for p in model.teacher.parameters())
-    ups = [a.up.weight.grad for a in model.student["adapters"]]
+    ups = [a.up.weight.grad for a in model.student["adapters"].values()]
     assert all(g is not None and g.abs().sum() > 0 for g in ups), f"{term} gives adapters no gradient"
 
 
@@ -45,7 +45,7 @@ def test_geometric_regions_train_without_cross_attention(tiny_cfg):
     assert "cross_attention" not in model.student
     out = model.forward_backward(_images(), step=0)
     assert out["reg"] > 0
-    assert model.student["adapters"][0].up.weight.grad.abs().sum() > 0
+    assert model.student["adapters"]["0"].up.weight.grad.abs().sum() > 0
 
 
 def test_zero_weight_terms_are_not_computed(tiny_cfg, monkeypatch):

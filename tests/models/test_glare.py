@@ -101,6 +101,28 @@ def test_one_step_keeps_backbone_and_moves_teacher_by_ema(tiny_cfg):
     assert any(not torch.equal(t0, t) for t0, t in zip(teacher0, model.teacher.parameters()))
 
 
+def test_adapters_from_a_later_block_train_and_export(tiny_cfg, tmp_path):
+    from glare.weights.export import load_pretrained, save_export
+
+    model = _model(tiny_cfg("model.adapter.first_block=1"))
+    assert list(model.student["adapters"]) == ["1"]  # keyed by block: block 0 has none
+    graph = []
+    hook = model.backbone.blocks[0].mlp.register_forward_hook(lambda m, i, o: graph.append(o.requires_grad))
+    model.forward_backward(torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8), step=0)
+    hook.remove()
+    assert graph == [False, False]  # teacher and student: nothing below the first adapter is kept for a backward
+    assert model.student["adapters"]["1"].up.weight.grad.abs().sum() > 0
+    _perturb_adapters(model)
+    path = save_export(model.export(), tmp_path / "late.safetensors", model.cfg.model)
+    loaded = load_pretrained(path)
+    assert list(loaded.adapters) == ["1"]
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.features(images).patches, model.eval().features(images).patches, atol=1e-6)
+    with pytest.raises(ConfigError, match="model.adapter.first_block"):
+        _model(tiny_cfg("model.adapter.first_block=2"))
+
+
 def test_momentum_schedule_is_cosine_to_one(tiny_cfg):
     model = _model(tiny_cfg("train.steps=100"))
     assert model.momentum(0) == pytest.approx(0.996)
