@@ -33,7 +33,7 @@ def ray_local():
     # Logical CPUs beyond the 2 real ones: two 0.5-CPU train workers, the controller and
     # Ray Data's tasks must never wait on each other (the deadlock of dependencies.md).
     ray.init(num_cpus=4, object_store_memory=256 * 1024**2, log_to_driver=False, _temp_dir=temp_dir)
-    yield
+    yield temp_dir
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -92,12 +92,19 @@ def test_same_name_resumes_fresh_name_starts_over(ray_local, tmp_path):
     assert fresh["steps"] == 2 and _logged_steps(tmp_path / "r2") == [1, 2]
 
 
-def _train_worker_pids() -> list[int]:
+def _train_worker_pids(ray_temp_dir: str) -> list[int]:
+    """This test's Ray Train workers: those whose open files lie in its Ray instance's temp dir.
+
+    Matching the process name alone would also kill the workers of any other Ray instance on the
+    machine (another test run, a user's training job).
+    """
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                if b"RayTrainWorker" not in (proc / "cmdline").read_bytes():
+                    continue
+                if any(os.readlink(fd).startswith(ray_temp_dir + os.sep) for fd in (proc / "fd").iterdir()):
                     pids.append(int(proc.name))
             except OSError:
                 continue
@@ -125,7 +132,7 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_local, tmp_path):
                 checkpointed_at = time.time()
             # Mid-interval, and after the controller's next poll has registered the checkpoint.
             if steps and steps[-1] >= interval + 2 and time.time() - checkpointed_at > 0.6:
-                for pid in _train_worker_pids():
+                for pid in _train_worker_pids(ray_local):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
             time.sleep(0.05)
