@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from glare.config import AdapterConfig
+from glare.config import AdapterConfig, ConfigError
 
 
 class UniAdapter(nn.Module):
@@ -39,8 +39,8 @@ def build_adapters(dim: int, depth: int, cfg: AdapterConfig) -> nn.ModuleDict:
     without an adapter while every state key (``"{block}.down.weight"``) still names its block.
     """
     if not 0 <= cfg.first_block < depth:
-        raise ValueError(f"model.adapter.first_block={cfg.first_block} must lie in [0, {depth - 1}] "
-                         f"for a ViT of {depth} blocks")
+        raise ConfigError(f"config key 'model.adapter.first_block': {cfg.first_block} must lie in "
+                          f"[0, {depth - 1}] for a ViT of {depth} blocks")
     return nn.ModuleDict({
         str(i): UniAdapter(dim, cfg.bottleneck, cfg.scale, cfg.learnable_scale) for i in range(cfg.first_block, depth)
     })

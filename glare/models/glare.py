@@ -51,9 +51,6 @@ class GlareModel(nn.Module):
         if cfg.model.global_token >= backbone.num_prefix_tokens:
             raise ConfigError(f"config key 'model.global_token': {cfg.model.global_token} is not a prefix token "
                               f"({backbone.num_prefix_tokens} in {cfg.model.arch})")
-        if not full and cfg.model.adapter.first_block >= depth:
-            raise ConfigError(f"config key 'model.adapter.first_block': {cfg.model.adapter.first_block} leaves no "
-                              f"block to adapt ({cfg.model.arch} has {depth})")
         self.patch_size = int(backbone.patch_embed.patch_size[0])
         if cfg.augment.view_size % self.patch_size:
             raise ConfigError(f"config key 'augment.view_size': {cfg.augment.view_size} is not a multiple of the "
