@@ -70,6 +70,11 @@ class ModelConfig:
     # few tokens per image), so it is narrower: as wide as `head` it was a quarter of a step's FLOPs
     # (benchmarks/README.md). It always starts from random init: checkpoints carry no patch head.
     local_head: HeadConfig = field(default_factory=lambda: HeadConfig(hidden_dim=512, out_dim=2048))
+    # How the DINO heads start. "auto": a head the checkpoint carries (DINO, UDI) is kept, every other
+    # head is bootstrapped from the init's tokens on the first images (glare/models/bootstrap.py);
+    # "data": bootstrap every head; "random": plain random init (targets near ln K on a headless init).
+    head_init: str = "auto"
+    head_init_images: int = 256
     momentum_start: float = 0.996
     momentum_end: float = 1.0
 
@@ -145,6 +150,9 @@ class DataConfig:
     image_column: str = "image"
     base_size: int = 256
     materialize: bool = True
+    # Rows each worker shuffles per epoch (Ray Data's local shuffle buffer, seeded by train.seed, the
+    # epoch and the rank, so a resumed run replays the same order); 0 keeps the stored order.
+    shuffle_buffer: int = 1024
     mosaic: MosaicConfig = field(default_factory=MosaicConfig)
     # Labelled set for the linear probe: "mosaic", or a reader name
     # (ade20k, cityscapes, pascal_context, loveda, voc, generic) with `seg_root`.
@@ -287,6 +295,9 @@ def validate(cfg: GlareConfig) -> None:
         for name in ("hidden_dim", "bottleneck_dim", "out_dim", "layers"):
             v = getattr(getattr(m, head), name)
             _check(v >= 1, f"model.{head}.{name}", f"must be >= 1, got {v}")
+    _check(m.head_init in ("auto", "data", "random"), "model.head_init",
+           f"must be 'auto', 'data' or 'random', got {m.head_init!r}")
+    _check(m.head_init_images >= 2, "model.head_init_images", f"must be >= 2, got {m.head_init_images}")
     _check(0.0 <= m.momentum_start <= m.momentum_end <= 1.0, "model.momentum_start",
            f"needs 0 <= momentum_start <= momentum_end <= 1, got {m.momentum_start}, {m.momentum_end}")
     for name in ("glob", "reg", "loc1", "loc2"):
@@ -316,6 +327,7 @@ def validate(cfg: GlareConfig) -> None:
     _check(a.patch_noise_std >= 0.0, "augment.patch_noise_std", "must be >= 0")
     _check(d.base_size >= a.view_size, "data.base_size",
            f"must be >= augment.view_size ({a.view_size}), got {d.base_size}")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0 (0: no shuffle), got {d.shuffle_buffer}")
     _check(d.mosaic.num_classes >= 2, "data.mosaic.num_classes", "must be >= 2")
     _check(d.mosaic.train >= 1 and d.mosaic.val >= 1, "data.mosaic", "train and val must be >= 1")
     _check(0.0 < o.lr < float("inf"), "optim.lr", f"must be > 0 and finite, got {o.lr}")

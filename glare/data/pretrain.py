@@ -32,7 +32,7 @@ from PIL import Image, ImageOps
 
 from glare.data.segmentation import IMAGE_EXTENSIONS, DataError
 
-__all__ = ["DataError", "build_pretrain_dataset", "decode_image", "skipped_images"]
+__all__ = ["DataError", "build_pretrain_dataset", "decode_image", "shuffled_batches", "skipped_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -252,3 +252,21 @@ def build_pretrain_dataset(
             examples = "; ".join(f"{n} ({r})" for n, r in skipped_images(source)[:3])
             raise DataError(f"no image in the pre-training source {source} could be decoded (e.g. {examples})")
     return ds
+
+
+def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """The local-shuffle seed of one worker's epoch: a function of the run's seed, so a resume recomputes it."""
+    return (seed * 1_000_003 + epoch * 1009 + rank) % 2**31
+
+
+def shuffled_batches(shard: Any, batch_size: int, *, seed: int, epoch: int, rank: int, buffer: int,
+                     drop_last: bool = True) -> Any:
+    """One epoch of torch batches from a Ray Data shard (a ``DataIterator``), in a seeded order.
+
+    Ray Data's local shuffle buffer (``buffer`` rows, 0: the stored order) is seeded by (seed, epoch,
+    rank): each epoch sees another order, and a run resumed in the middle of an epoch sees the same
+    order again, so skipping the batches it already trained on lands on the right images.
+    """
+    return shard.iter_torch_batches(
+        batch_size=batch_size, drop_last=drop_last, local_shuffle_buffer_size=buffer or None,
+        local_shuffle_seed=shuffle_seed(seed, epoch, rank) if buffer else None)

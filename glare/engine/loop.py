@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -19,11 +20,14 @@ import torch
 import torch.distributed as dist
 
 from glare.config import GlareConfig, from_dict
+from glare.data.pretrain import shuffled_batches
 from glare.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from glare.engine.health import target_warnings
 from glare.engine.schedules import cosine, warmup_cosine
 from glare.models.glare import GlareModel, build_model
 
 log = logging.getLogger("glare.train")
+TERMS = ("glob", "reg", "loc1", "loc2")
 
 
 @dataclass
@@ -100,6 +104,34 @@ def load_model_state(model: GlareModel, state: dict[str, Any]) -> None:
     model.losses.load_state_dict(state["losses"])
 
 
+def epoch_batches(shard: Any, cfg: GlareConfig, epoch: int, rank: int, batch_size: int | None = None,
+                  drop_last: bool = True) -> Any:
+    """One pass over the worker's shard in the epoch's order (see :func:`glare.data.pretrain.shuffled_batches`)."""
+    return shuffled_batches(shard, batch_size or cfg.train.batch_size, seed=cfg.train.seed, epoch=epoch, rank=rank,
+                            buffer=cfg.data.shuffle_buffer, drop_last=drop_last)
+
+
+def bootstrap_heads(model: GlareModel, shard: Any, cfg: GlareConfig, rank: int, device: torch.device
+                    ) -> dict[str, int]:
+    """Bootstrap the heads on rank 0 from its first ``model.head_init_images`` images, then broadcast.
+
+    Every rank draws a first batch (the shards are split in lock-step), rank 0 fits the heads, and the
+    others receive its student and teacher, so every replica starts from the same heads.
+    """
+    if not model.heads_to_bootstrap():
+        return {}
+    batch = next(iter(epoch_batches(shard, cfg, -1, rank, cfg.model.head_init_images, drop_last=False)))
+    seen: dict[str, int] = {}
+    if rank == 0:
+        images = batch["image"].to(device).permute(0, 3, 1, 2).contiguous()
+        generator = torch.Generator(device).manual_seed(cfg.train.seed)
+        seen = model.bootstrap_heads(images, generator)
+    if dist.is_available() and dist.is_initialized():
+        for tensor in [*model.student.state_dict().values(), *model.teacher.state_dict().values()]:
+            dist.broadcast(tensor, src=0)
+    return seen
+
+
 def _mean_across_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized()):
         return values
@@ -130,6 +162,12 @@ class RunLog:
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.tb.add_scalar(key, value, step)
         self.tb.flush()
+
+    def event(self, name: str, **fields: Any) -> None:
+        """A one-off record (``"event": name``) in metrics.jsonl, e.g. the head bootstrap."""
+        if self.run_dir is not None:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"event": name, **fields}) + "\n")
 
     def end(self, record: dict[str, Any]) -> None:
         """The run's closing record (``"event": "end"``), which the driver's summary reads."""
@@ -222,13 +260,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(payload, checkpoint=ckpt)
 
     shard = ray.train.get_dataset_shard("train")
+    if checkpoint is None:  # a resumed run has its bootstrapped heads in the checkpoint
+        seen = bootstrap_heads(model, shard, cfg, rank, device)
+        if seen:
+            runlog.event("head_bootstrap", step=0, tokens=seen)
+            if rank == 0:
+                print("[glare] heads bootstrapped from the init's tokens: "
+                      + ", ".join(f"{name} on {n} tokens" for name, n in seen.items()), flush=True)
     batch = cfg.train.batch_size
     window_t, window_images, last = time.perf_counter(), 0, {}
+    # Targets are judged once the teacher temperature and the lr have warmed up; each problem is told once.
+    warmup_done, warned = max(cfg.loss.teacher_temp_warmup_steps, cfg.optim.warmup_steps), set()
     stop_reason = ""
     while state.step < cfg.train.steps and not stop_reason:
         skip = state.batch_in_epoch
         got_batch = False
-        for i, row in enumerate(shard.iter_torch_batches(batch_size=batch, drop_last=True)):
+        for i, row in enumerate(epoch_batches(shard, cfg, state.epoch, rank)):
             if i < skip:  # resume at the data position of the checkpoint
                 continue
             got_batch = True
@@ -263,9 +310,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 window_t, window_images = time.perf_counter(), 0
                 runlog.write(step, last)
                 if rank == 0:
-                    terms = " ".join(f"{k}={last[k]:.3f}" for k in ("glob", "reg", "loc1", "loc2") if k in last)
+                    terms = " ".join(f"{k}={last[k]:.3f}" for k in TERMS if k in last)
+                    entropy = " ".join(f"{k}={last[f'teacher_entropy_{k}']:.2f}" for k in TERMS
+                                       if f"teacher_entropy_{k}" in last)
                     print(f"[glare] step {step}/{cfg.train.steps} loss={last['loss']:.3f} {terms} "
-                          f"lr={last['lr']:.2e} {last['images_per_s']:.1f} img/s", flush=True)
+                          f"teacher entropy/ln K: {entropy} lr={last['lr']:.2e} {last['images_per_s']:.1f} img/s",
+                          flush=True)
+                    if step >= warmup_done:
+                        for key, message in target_warnings(last).items():
+                            if key not in warned:
+                                warned.add(key)
+                                print(f"[glare] warning: step {step}: {message}", file=sys.stderr, flush=True)
             evaluate_now = cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps
             if evaluate_now and rank == 0:
                 state.miou_last = evaluate(model, cfg, device, probe_data)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -36,6 +38,16 @@ class CenteredCrossEntropy(nn.Module):
             self.last_sample_entropy = float(_entropy(targets).mean())
         log_probs = F.log_softmax(student.float() / self.student_temp, dim=-1)
         return -(targets * log_probs).sum(dim=-1).mean()
+
+    def entropy_metrics(self, name: str) -> dict[str, float]:
+        """The last batch's teacher entropies as fractions of ln K, keyed by the term's ``name``.
+
+        ``teacher_entropy_<name>`` near 1 means near-uniform targets (nothing to learn from);
+        ``batch_entropy_<name>`` near 0 means every row picks the same prototype (collapse).
+        """
+        ln_k = math.log(self.center.shape[-1])
+        return {f"teacher_entropy_{name}": self.last_sample_entropy / ln_k,
+                f"batch_entropy_{name}": self.last_entropy / ln_k}
 
     @torch.no_grad()
     def update_center(self, teacher: torch.Tensor) -> None:

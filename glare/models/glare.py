@@ -14,11 +14,20 @@ from typing import Literal
 import torch
 from torch import nn
 
-from glare.augment import distort_patches, make_views, map_patch_mask, match_patches, region_queries, sample_regions
+from glare.augment import (
+    Views,
+    distort_patches,
+    make_views,
+    map_patch_mask,
+    match_patches,
+    region_queries,
+    sample_regions,
+)
 from glare.config import ConfigError, GlareConfig
 from glare.engine.schedules import cosine, linear_warmup
 from glare.losses import GlobalLoss, InterViewLocalLoss, PatchConsistencyLoss, RegionalLoss
 from glare.models.adapter import build_adapters
+from glare.models.bootstrap import bootstrap_head
 from glare.models.heads import DinoHead
 from glare.models.region_attention import RegionCrossAttention
 from glare.models.vit import AdaptedViT, Features, create_backbone, encode
@@ -60,18 +69,19 @@ class GlareModel(nn.Module):
             student = nn.ModuleDict({"backbone": backbone.requires_grad_(True)})
         else:
             student = nn.ModuleDict({"adapters": build_adapters(dim, depth, cfg.model.adapter)})
-        if lo.glob > 0 or lo.reg > 0:
+        if lo.glob > 0:
             student["head"] = DinoHead(dim, cfg.model.head)
-        if lo.loc1 > 0 or lo.loc2 > 0:
+        if lo.reg > 0 or lo.loc1 > 0 or lo.loc2 > 0:  # regions are pooled patch tokens: the patch-level head
             student["local_head"] = DinoHead(dim, cfg.model.local_head)
         if lo.reg > 0 and reg.correspondence == "cross_attention":
             student["cross_attention"] = RegionCrossAttention(dim)
         self.student = student
         self.teacher = copy.deepcopy(student).requires_grad_(False)
+        self.pretrained_heads: set[str] = set()  # heads loaded from a checkpoint (build_model fills it)
 
         args = (lo.student_temp, lo.center_momentum)
         k, k_local = cfg.model.head.out_dim, cfg.model.local_head.out_dim
-        terms = {"glob": (GlobalLoss, k), "reg": (RegionalLoss, k), "loc1": (PatchConsistencyLoss, k_local),
+        terms = {"glob": (GlobalLoss, k), "reg": (RegionalLoss, k_local), "loc1": (PatchConsistencyLoss, k_local),
                  "loc2": (InterViewLocalLoss, k_local)}
         self.losses = nn.ModuleDict({name: cls(dim_k, *args) for name, (cls, dim_k) in terms.items()
                                      if getattr(lo, name) > 0})
@@ -143,8 +153,7 @@ class GlareModel(nn.Module):
         s = self.features(distorted, "student")
         temp = self.teacher_temp(step)
         g = cfg.model.global_token
-        geometry = (views.box1, views.flip1, views.box2, views.flip2, aug.view_size, self.patch_size)
-        reverse = (views.box2, views.flip2, views.box1, views.flip1, aug.view_size, self.patch_size)
+        geometry, reverse = self._view_geometry(views)
         out: dict[str, torch.Tensor] = {}
 
         if "glob" in self.losses:
@@ -153,7 +162,7 @@ class GlareModel(nn.Module):
                 self.student["head"], self.teacher["head"], temp)
         if "reg" in self.losses:
             out["reg"] = self.losses["reg"](*self._regions(s, t, b, geometry, reverse),
-                                            self.student["head"], self.teacher["head"], temp)
+                                            self.student["local_head"], self.teacher["local_head"], temp)
         local: dict[str, torch.Tensor] = {}  # loss term -> (2B, N) patches of X~ it supervises
         if "loc1" in self.losses:
             local["loc1"] = mask
@@ -170,6 +179,12 @@ class GlareModel(nn.Module):
                                               local["loc2"], self.teacher["local_head"], temp)
         out["loss"] = sum(getattr(lo, name) * value for name, value in out.items())
         return out
+
+    def _view_geometry(self, views: Views) -> tuple[tuple, tuple]:
+        """Crop geometry from view 1 to view 2 and back, as ``match_patches`` / ``_map_regions`` take it."""
+        size = self.cfg.augment.view_size
+        return ((views.box1, views.flip1, views.box2, views.flip2, size, self.patch_size),
+                (views.box2, views.flip2, views.box1, views.flip1, size, self.patch_size))
 
     def _student_local_logits(self, patches: torch.Tensor, selections: dict[str, torch.Tensor]
                               ) -> dict[str, torch.Tensor]:
@@ -205,6 +220,45 @@ class GlareModel(nn.Module):
             rep_t = region_queries(t_other, mapped)
         return q_s, rep_t, mapped.any(dim=-1)
 
+    def heads_to_bootstrap(self) -> list[str]:
+        """The heads :meth:`bootstrap_heads` re-initialises, per ``model.head_init``."""
+        mode = self.cfg.model.head_init
+        if mode == "random":
+            return []
+        heads = [name for name in ("head", "local_head") if name in self.student]
+        return heads if mode == "data" else [h for h in heads if h not in self.pretrained_heads]
+
+    @torch.no_grad()
+    def bootstrap_heads(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, int]:
+        """Re-initialise the heads of :meth:`heads_to_bootstrap` from the init's tokens on ``images``.
+
+        ``images``: uint8 (B, 3, H, W). The teacher sees two clean views of each image, as in training;
+        the global head is fitted to what it will see (global tokens and, with ``L_reg``, region
+        representations), the local head to patch tokens. The teacher then copies the student.
+        Returns how many tokens each bootstrapped head was fitted to.
+        """
+        heads = self.heads_to_bootstrap()
+        if not heads:
+            return {}
+        views = make_views(images, self.cfg.augment, generator)
+        b = images.shape[0]
+        t = self.features(torch.cat([views.x1, views.x2]), "teacher", attention="reg" in self.losses)
+        seen: dict[str, int] = {}
+        if "head" in heads:
+            tokens = t.prefix[:, self.cfg.model.global_token]
+            bootstrap_head(self.student["head"], tokens, generator=generator)
+            seen["head"] = len(tokens)
+        if "local_head" in heads:
+            tokens = [t.patches.flatten(0, 1)] if ("loc1" in self.losses or "loc2" in self.losses) else []
+            if "reg" in self.losses:
+                _, regions, valid = self._regions(t, t, b, *self._view_geometry(views))
+                tokens.append(regions[valid])
+            tokens = torch.cat(tokens)
+            bootstrap_head(self.student["local_head"], tokens, generator=generator)
+            seen["local_head"] = len(tokens)
+        self.teacher.load_state_dict(self.student.state_dict())
+        return seen
+
     def forward_backward(self, images: torch.Tensor, step: int, runner: nn.Module | None = None,
                          amp: bool = False) -> dict[str, float]:
         """One training forward and backward; returns the loss terms as floats.
@@ -221,9 +275,8 @@ class GlareModel(nn.Module):
         out["loss"].backward()
         metrics = {name: float(value.detach()) for name, value in out.items()}
         metrics["teacher_temp"] = self.teacher_temp(step)
-        first = next(iter(self.losses.values()))
-        metrics["teacher_entropy"] = first.last_entropy
-        metrics["teacher_sample_entropy"] = first.last_sample_entropy
+        for name, term in self.losses.items():
+            metrics.update(term.entropy_metrics(name))
         return metrics
 
     @torch.no_grad()
@@ -261,6 +314,7 @@ def build_model(cfg: GlareConfig) -> GlareModel:
     if loaded is not None:
         if loaded.head and "head" in model.student:
             model.student["head"].load_dino_state(loaded.head)
+            model.pretrained_heads.add("head")
         if loaded.adapters and "adapters" in model.student:
             model.student["adapters"].load_state_dict(loaded.adapters)
         model.teacher.load_state_dict(model.student.state_dict())

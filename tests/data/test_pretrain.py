@@ -178,3 +178,22 @@ def test_streaming_split_gives_two_consumers_disjoint_shards_covering_the_set(tm
     assert len(seen[0]) == len(seen[1]) == 5
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(10))
+
+
+def test_each_epoch_is_shuffled_by_seed_epoch_and_rank(tmp_path: Path) -> None:
+    from glare.data.pretrain import shuffled_batches
+
+    _write_good(tmp_path, range(12))
+    ds = build_pretrain_dataset(str(tmp_path), 8, materialize=True)
+
+    def order(epoch: int, seed: int = 0, rank: int = 0, buffer: int = 64) -> list[int]:
+        batches = shuffled_batches(ds.iterator(), 4, seed=seed, epoch=epoch, rank=rank, buffer=buffer)
+        return [(int(px[0]) - 10) // 20 for b in batches for px in b["image"][:, 0, 0].numpy()]
+
+    stored = order(0, buffer=0)
+    assert sorted(stored) == list(range(12))
+    first = order(0)
+    assert sorted(first) == list(range(12)) and first != stored
+    assert order(0) == first  # a resumed run replays the epoch it stopped in
+    assert order(1) != first and sorted(order(1)) == list(range(12))
+    assert order(0, seed=1) != first and order(0, rank=1) != first

