@@ -165,6 +165,10 @@ class OptimConfig:
     """AdamW with warm-up + cosine lr and a cosine weight-decay ramp."""
 
     lr: float = 5e-4  # per 256 images; scaled by the global batch
+    # The DINO heads' lr relative to `lr` (adapters and region cross-attention train at `lr`). 0 holds the
+    # heads at their initial weights (bootstrapped or loaded): on short runs a trained head collapses
+    # onto the batch-mean target within a few steps and its targets go uniform (README, "The method").
+    head_lr_scale: float = 1.0
     min_lr: float = 1e-6
     warmup_steps: int = 50
     weight_decay: float = 0.04
@@ -332,6 +336,7 @@ def validate(cfg: GlareConfig) -> None:
     _check(d.mosaic.train >= 1 and d.mosaic.val >= 1, "data.mosaic", "train and val must be >= 1")
     _check(0.0 < o.lr < float("inf"), "optim.lr", f"must be > 0 and finite, got {o.lr}")
     _check(0.0 <= o.min_lr <= o.lr, "optim.min_lr", "must be in [0, optim.lr]")
+    _check(o.head_lr_scale >= 0.0, "optim.head_lr_scale", f"must be >= 0 (0: frozen heads), got {o.head_lr_scale}")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _check(o.weight_decay >= 0.0 and o.weight_decay_end >= 0.0, "optim.weight_decay", "must be >= 0")
     _check(o.clip_grad >= 0.0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")

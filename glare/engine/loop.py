@@ -46,12 +46,22 @@ class LoopState:
 
 
 def build_optimizer(model: GlareModel, cfg: GlareConfig, world_size: int) -> torch.optim.Optimizer:
-    """AdamW on the student's parameters; biases, norms and scales get no weight decay."""
-    decay, no_decay = [], []
+    """AdamW on the student's parameters; biases, norms and scales get no weight decay.
+
+    The heads form their own groups, at ``optim.head_lr_scale`` times the lr (``lr_scale`` of a group,
+    which :func:`set_schedules` applies).
+    """
+    heads = {id(p) for name in ("head", "local_head") if name in model.student
+             for p in model.student[name].parameters()}
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for p in model.trainable_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=scaled_lr(cfg, world_size))
+        groups.setdefault((id(p) in heads, p.ndim > 1), []).append(p)
+    param_groups = [
+        {"params": params, "apply_wd": decay, "lr_scale": cfg.optim.head_lr_scale if head else 1.0,
+         **({} if decay else {"weight_decay": 0.0})}
+        for (head, decay), params in sorted(groups.items())  # adapters' groups first: they set the logged lr
+    ]
+    return torch.optim.AdamW(param_groups, lr=scaled_lr(cfg, world_size))
 
 
 def scaled_lr(cfg: GlareConfig, world_size: int) -> float:
@@ -66,7 +76,7 @@ def set_schedules(optimizer: torch.optim.Optimizer, cfg: GlareConfig, step: int,
     lr = warmup_cosine(step, steps, scaled_lr(cfg, world_size), o.min_lr, o.warmup_steps)
     wd = cosine(step, steps, o.weight_decay, o.weight_decay_end)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
         if group.get("apply_wd"):
             group["weight_decay"] = wd
     return lr, wd

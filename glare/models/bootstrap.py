@@ -73,6 +73,7 @@ def bootstrap_head(head: DinoHead, tokens: Tensor, kmeans_iters: int = 10,
     first.weight.div_(std)
     first.bias.sub_(first.weight @ mean)
     out = torch.cat([head.mlp(part) for part in tokens.split(4096)])
+    centred = out - out.mean(dim=0)
     last.bias.sub_(out.mean(dim=0))
-    z = F.normalize(out - out.mean(dim=0), dim=-1)
+    z = F.normalize(centred, dim=-1)
     head.prototypes.copy_(spherical_kmeans(z, head.prototypes.shape[0], kmeans_iters, generator))

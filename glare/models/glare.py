@@ -311,6 +311,10 @@ def build_model(cfg: GlareConfig) -> GlareModel:
     if cfg.model.weights != "none":
         loaded = load_backbone(backbone, cfg.model.weights)
     model = GlareModel(cfg, backbone)
+    if cfg.optim.head_lr_scale == 0:  # held at their initial weights: nothing to compute a gradient for
+        for name in ("head", "local_head"):
+            if name in model.student:
+                model.student[name].requires_grad_(False)
     if loaded is not None:
         if loaded.head and "head" in model.student:
             model.student["head"].load_dino_state(loaded.head)

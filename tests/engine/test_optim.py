@@ -1,0 +1,49 @@
+"""The optimiser's parameter groups and schedules (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glare.engine.loop import build_optimizer, set_schedules
+from glare.models import build_model
+
+
+def _heads(model) -> set[int]:
+    return {id(p) for name in ("head", "local_head") for p in model.student[name].parameters()}
+
+
+def test_heads_train_at_their_own_scale_and_biases_without_decay(tiny_cfg):
+    cfg = tiny_cfg("optim.head_lr_scale=0.25", "optim.warmup_steps=0")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = build_optimizer(model, cfg, world_size=1)
+    lr, wd = set_schedules(opt, cfg, step=0, world_size=1)
+    assert lr == pytest.approx(cfg.optim.lr * cfg.train.batch_size / 256)
+    assert opt.param_groups[0]["lr"] == lr  # the first group (adapters) is what the logs show
+    heads = _heads(model)
+    seen = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            seen += 1
+            assert group["lr"] == pytest.approx(lr * (0.25 if id(p) in heads else 1.0))
+            assert group["weight_decay"] == (wd if p.ndim > 1 else 0.0)
+    assert seen == len(model.trainable_parameters())
+
+
+def test_zero_head_scale_freezes_the_heads(tiny_cfg):
+    cfg = tiny_cfg("optim.head_lr_scale=0")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    heads = _heads(model)
+    assert not heads & {id(p) for p in model.trainable_parameters()}
+    before = {k: v.clone() for k, v in model.state_dict().items() if "head" in k}
+    opt = build_optimizer(model, cfg, world_size=1)
+    set_schedules(opt, cfg, step=5, world_size=1)
+    model.forward_backward(torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8), step=5)
+    opt.step()
+    model.update_teacher(5)
+    after = model.state_dict()
+    assert all(torch.allclose(before[k], after[k]) for k in before)  # student and teacher heads held
+    ups = [a.up.weight for a in model.student["adapters"].values()]
+    assert all(u.abs().sum() > 0 for u in ups)  # ... while the adapters trained
