@@ -88,6 +88,9 @@ def test_same_name_resumes_fresh_name_starts_over(ray_local, tmp_path):
     summary = run(_cfg(tmp_path, "train.run_name=r", "train.steps=6", "train.log_every=1"))
     assert summary["steps"] == 6 and summary["images_seen"] == 6 * 4
     assert _logged_steps(tmp_path / "r") == [1, 2, 3, 4, 5, 6]  # steps 1-3 were not redone
+    # The heads were bootstrapped once, by the first run; the resume took them from the checkpoint.
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records if r.get("event") == "head_bootstrap"] == ["head_bootstrap"]
     fresh = run(_cfg(tmp_path, "train.run_name=r2", "train.steps=2", "train.log_every=1"))
     assert fresh["steps"] == 2 and _logged_steps(tmp_path / "r2") == [1, 2]
 
@@ -122,16 +125,19 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_local, tmp_path):
     killed: list[int] = []
 
     def killer() -> None:
-        deadline, checkpointed_at = time.time() + 240, None
+        deadline, seen_at = time.time() + 240, {}  # checkpoint step -> when its step was first logged
         while time.time() < deadline and not killed:
             try:
                 steps = _logged_steps(run_dir)
             except (FileNotFoundError, json.JSONDecodeError):
                 steps = []
-            if checkpointed_at is None and steps and steps[-1] >= interval:
-                checkpointed_at = time.time()
-            # Mid-interval, and after the controller's next poll has registered the checkpoint.
-            if steps and steps[-1] >= interval + 2 and time.time() - checkpointed_at > 0.6:
+            last_ckpt = steps[-1] // interval * interval if steps else 0
+            if last_ckpt:
+                seen_at.setdefault(last_ckpt, time.time())
+            # Mid-interval (at a checkpoint step nothing would be redone), and long enough after
+            # that checkpoint for the controller's next poll to have registered it.
+            mid = last_ckpt > 0 and 2 <= steps[-1] % interval <= interval - 2
+            if mid and time.time() - seen_at[last_ckpt] > 0.6:
                 for pid in _train_worker_pids(ray_local):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
