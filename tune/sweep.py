@@ -5,7 +5,7 @@ may span several GPUs) whose reports reach Tune through ``TuneReportCallback``.
 Optuna (TPE, seeded) proposes the points, starting from the base config's own
 values; ASHA stops weak trials at the intermediate linear-probe evaluations.
 ``key=value`` sets the trials' base config, ``sweep.key=value`` the sweep
-(``sweep.num_samples=8``, ``sweep.space.optim.lr.high=1e-3``, see ``--help``).
+(``sweep.num_samples=8``, ``sweep.space.optim.lr.high=0.05``, see ``--help``).
 
 Run it from the repository root, locally (it starts Ray itself) or on a
 cluster, unchanged: ``ray job submit --working-dir . -- python tune/sweep.py ...``.
