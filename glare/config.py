@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
 
 
 class ConfigError(ValueError):
@@ -214,6 +215,12 @@ class RayConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # < 1 packs several small workers (or sweep trials) on one GPU
     max_failures: int = 0
+    # How Ray Train places the workers' bundles: PACK (fewest nodes), SPREAD (one per node where it
+    # can), STRICT_SPREAD (one per node or wait for more nodes), STRICT_PACK (all on one node).
+    placement_strategy: str = "PACK"
+    # Seconds a (re)start may wait for the workers' resources, e.g. while the autoscaler replaces a
+    # lost node; then the run stops with its last checkpoint intact. 0: wait as long as it takes.
+    capacity_wait_s: float = 0.0
 
 
 @dataclass
@@ -353,6 +360,9 @@ def validate(cfg: GlareConfig) -> None:
     _check(ray.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
     _check(ray.gpus_per_worker > 0, "ray.gpus_per_worker", "must be > 0")
     _check(ray.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: retry forever)")
+    _check(ray.capacity_wait_s >= 0, "ray.capacity_wait_s", f"must be >= 0 (0: no limit), got {ray.capacity_wait_s}")
+    _check(ray.placement_strategy in PLACEMENT_STRATEGIES, "ray.placement_strategy",
+           f"must be one of {', '.join(PLACEMENT_STRATEGIES)}, got {ray.placement_strategy!r}")
 
 
 def to_yaml(cfg: GlareConfig) -> str:

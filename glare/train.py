@@ -66,13 +66,16 @@ def init_ray(cfg: GlareConfig) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # The job's runtime env reaches Ray Train's controller actor wherever it runs.
+    env = {START_TIMEOUT_ENV: str(cfg.ray.capacity_wait_s)} if cfg.ray.capacity_wait_s else {}
+    runtime_env = {"env_vars": env} if env else None
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         return
     # Locally, Ray Data's decode stage and the train workers share the CPUs; give the
     # workers what they ask for plus one CPU for data so neither starves the other.
     cpus = max(os.cpu_count() or 1, int(cfg.ray.num_workers * cfg.ray.cpus_per_worker + 0.999) + 1)
-    ray.init(num_cpus=cpus, log_to_driver=True)
+    ray.init(num_cpus=cpus, log_to_driver=True, runtime_env=runtime_env)
 
 
 def pretrain_dataset(cfg: GlareConfig):
@@ -85,6 +88,34 @@ def pretrain_dataset(cfg: GlareConfig):
 
         source = str(ensure_mosaic(cfg.data.mosaic) / "unlabelled")
     return build_pretrain_dataset(source, cfg.data.base_size, cfg.data.image_column, materialize=cfg.data.materialize)
+
+
+# Ray Train's limit on how long a worker group may wait for its resources before the try counts as failed.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+def worker_resources(cfg: GlareConfig) -> dict[str, float]:
+    """What each training worker asks Ray for (one bundle of the run's placement group)."""
+    return {"CPU": cfg.ray.cpus_per_worker, **({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {})}
+
+
+def no_capacity(err: BaseException) -> bool:
+    """Whether a failed ``fit`` means the workers' resources never came (Ray Train's startup timeout)."""
+    failure = getattr(err, "controller_failure", None)
+    return type(failure).__name__ == "WorkerGroupStartupTimeoutError"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest of Ray Train's ``checkpoint_<timestamp>`` folders in a run directory."""
+    found = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    return found[-1] if found else None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The training step a checkpoint folder holds."""
+    from glare.engine.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(path)["loop"]["step"])
 
 
 def _log_lines(run_dir: Path) -> list[str]:
@@ -127,19 +158,34 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=cfg.ray.use_gpu,
-            resources_per_worker={"CPU": cfg.ray.cpus_per_worker,
-                                  **({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {})},
+            resources_per_worker=worker_resources(cfg),
+            placement_strategy=cfg.ray.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            # With a capacity limit, the first wait past it ends the run (Ray would retry it forever).
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures,
+                                                   controller_failure_limit=0 if cfg.ray.capacity_wait_s else -1),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),
         ),
         datasets={"train": dataset},
     )
     logged_before = len(_log_lines(run_dir))  # a resumed run appends to its predecessor's log
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.ControllerError as err:
+        if not (cfg.ray.capacity_wait_s and no_capacity(err)):
+            raise
+        last = latest_checkpoint(run_dir)
+        reason = (f"no capacity for {workers} worker(s) of {worker_resources(cfg)} within ray.capacity_wait_s="
+                  f"{cfg.ray.capacity_wait_s:g} s; " + (f"the last checkpoint (step {checkpoint_step(last)}, {last}) "
+                  f"is intact: rerun with train.run_name={name} to resume" if last else "no checkpoint was written"))
+        summary = {"run_dir": str(run_dir), "miou_before": None, "miou_after": None, "steps": None,
+                   "stop_reason": reason, "checkpoint": str(last) if last else None, "export": None,
+                   "wall_s": time.time() - start}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
     metrics = end_record(run_dir, skip=logged_before) or dict(result.metrics or {})
     from glare.data.pretrain import skipped_images
 
@@ -158,6 +204,7 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         "skipped_images": len(skipped),
         "skipped_files": [{"path": p, "reason": r} for p, r in skipped],
         "nonfinite_steps": metrics.get("nonfinite_steps"),
+        "worker_nodes": metrics.get("worker_nodes"),
         "stop_reason": metrics.get("stop_reason") or "",
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "export": str(run_dir / "export" / "backbone.safetensors"),

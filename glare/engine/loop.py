@@ -204,6 +204,18 @@ def evaluate(model: GlareModel, cfg: GlareConfig, device: torch.device, data: An
     return float(result.miou)
 
 
+def worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every worker, by rank (the summary's record of where a run trained)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [here]
+    nodes: list[Any] = [None] * world
+    dist.all_gather_object(nodes, here)
+    return nodes
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: ``config`` = {"cfg": dict, "run_dir": str}."""
     import ray.train
@@ -218,6 +230,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed + rank)  # different views on every worker
     model.train()
     runner = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    nodes = worker_nodes(world)
     optimizer = build_optimizer(model, cfg, world)
     state = LoopState()
 
@@ -367,6 +380,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     final.update(stop_reason=stop_reason, done=1)
     # Ray's Result keeps the metrics of the last *checkpoint*; a run stopped by non-finite
     # steps ends without one, so the closing record also goes to metrics.jsonl.
-    runlog.end(with_state(final))
+    runlog.end({**with_state(final), "worker_nodes": nodes})
     runlog.close()
     report(final, with_checkpoint=not stop_reason)
