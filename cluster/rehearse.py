@@ -30,6 +30,7 @@ from typing import Any
 
 import psutil
 
+REPO = Path(__file__).resolve().parent.parent
 WORKER_TYPE = "ray.worker.cpu"
 
 
@@ -83,7 +84,9 @@ class FakeCluster:
         # Token auth off unless the caller chose it: the rehearsal listens on this machine only, and
         # the drivers it serves (a plain ``ray.init``) start without a token.
         env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-               "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+               "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+               # The nodes' workers import the checkout's modules (a sweep's trials unpickle tune.space).
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         ray_cli = Path(sys.executable).parent / "ray"
         subprocess.run(
             [str(ray_cli), "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
@@ -161,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[rehearse] fake cluster at {cluster.address} (head {args.head_cpus} CPU, up to "
               f"{args.workers} nodes of {args.cpus} CPU)", flush=True)
         t0 = time.time()
-        code = subprocess.call(command, env={**os.environ, "RAY_ADDRESS": cluster.address})
+        env = {**os.environ, "RAY_ADDRESS": cluster.address,
+               "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+        code = subprocess.call(command, env=env)
         print(f"[rehearse] command exited {code} after {time.time() - t0:.0f} s", flush=True)
     return code
 
