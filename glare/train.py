@@ -109,8 +109,12 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from glare.engine.loop import train_loop_per_worker
+    from glare.eval.protocol import open_probe_sets
 
     start = time.time()
+    # The labelled set is read by the rank-0 worker; a mistake in it should fail here, in one line, before
+    # a run directory or Ray exists.
+    probe_train, probe_eval = open_probe_sets(cfg.data, check_labels=True)
     name = cfg.train.run_name or time.strftime("glare-%Y%m%d-%H%M%S")
     storage = cfg.train.storage_path
     if "://" not in storage:
@@ -120,10 +124,6 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     print(f"[glare] run directory: {run_dir}", flush=True)
 
-    from glare.eval.protocol import open_probe_sets
-
-    # The labelled set is read by the rank-0 worker; a mistake in it should fail here, in one line.
-    probe_train, probe_eval = open_probe_sets(cfg.data, check_labels=True)
     init_ray(cfg)
     data = pretrain_data(cfg)
     d = cfg.data

@@ -250,3 +250,23 @@ def test_train_then_eval_on_your_own_tree_from_the_command_line(tmp_path: Path) 
     assert record["image_size"] == [32, 64] and (record["train_images"], record["eval_images"]) == (6, 4)
     assert 0.0 <= record["miou"] <= 1.0 and len(record["per_class_iou"]) == 3
     assert "road" in ev.stdout and "generic set: 6 train / 4 test images at 32x64 px, 3 classes" in ev.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_train_and_sweep_stop_on_a_bad_set_in_one_line_before_ray(command, tmp_path, capsys) -> None:
+    import ray
+
+    if str(REPO) not in sys.path:  # tune/ is a folder of the repository, not a package
+        sys.path.insert(0, str(REPO))
+    from glare.train import main as train_main
+    from tune.sweep import main as sweep_main
+
+    root = make_tree(tmp_path / "set")
+    mask = np.array(Image.open(root / "test/masks/e3.png"))
+    mask[20, 20] = 9
+    Image.fromarray(mask).save(root / "test/masks/e3.png")
+    args = ["--config", "tiny", *_keys(root), f"train.storage_path={tmp_path / 'runs'}"]
+    status = train_main(args) if command == "train" else sweep_main(["--sweep", "tiny", *args])
+    assert status == 2 and not ray.is_initialized() and not (tmp_path / "runs").exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "e3.png: label values [9] outside [0, 3)" in err and "data.seg_num_classes" in err
