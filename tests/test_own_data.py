@@ -26,18 +26,27 @@ COLOURS = np.array([[90, 90, 90], [40, 160, 40], [120, 170, 250]], np.uint8)
 W, H = 96, 48  # 2:1 frames
 
 
-def _pair(root: Path, split: str, name: str, seed: int, void_value: int = 255, offset: int = 0) -> None:
+def _frame(seed: int, void_value: int = 255, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A 96x48 image of three vertical class bands (noisy colours) and its mask, with a void strip on top."""
     rng = np.random.default_rng(seed)
     cuts = np.sort(rng.integers(16, W - 16, 2))
     labels = np.searchsorted(cuts, np.arange(W), side="right")[None].repeat(H, 0).astype(np.uint8)
-    image = COLOURS[labels].astype(np.int16) + rng.integers(-20, 21, (H, W, 3))
+    image = np.clip(COLOURS[labels].astype(np.int16) + rng.integers(-20, 21, (H, W, 3)), 0, 255)
     mask = labels + offset
     mask[:4] = void_value
-    for kind, array in (("images", np.clip(image, 0, 255).astype(np.uint8)), ("masks", mask.astype(np.uint8))):
-        path = root / split / kind / f"{name}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(array).save(path)
+    return image.astype(np.uint8), mask.astype(np.uint8)
+
+
+def _save(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _pair(root: Path, split: str, name: str, seed: int, void_value: int = 255, offset: int = 0) -> None:
+    """``root/split/{images,masks}/name.png`` from :func:`_frame`."""
+    image, mask = _frame(seed, void_value, offset)
+    _save(image, root / split / "images" / f"{name}.png")
+    _save(mask, root / split / "masks" / f"{name}.png")
 
 
 def make_tree(root: Path, n_train: int = 6, n_test: int = 4, n_unlabelled: int = 12) -> Path:
@@ -48,11 +57,7 @@ def make_tree(root: Path, n_train: int = 6, n_test: int = 4, n_unlabelled: int =
         _pair(root, "test", f"e{i}", seed=100 + i)
     (root / "class_names.txt").write_text("# one class a line\n" + "\n".join(CLASSES) + "\n")
     for i in range(n_unlabelled):
-        _pair(root / "pool", "u", f"u{i}", seed=200 + i)
-    unlabelled = root / "unlabelled"
-    unlabelled.mkdir()
-    for path in sorted((root / "pool" / "u" / "images").glob("*.png")):
-        path.rename(unlabelled / path.name)
+        _save(_frame(200 + i)[0], root / "unlabelled" / f"u{i}.png")
     return root
 
 
