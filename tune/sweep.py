@@ -364,12 +364,16 @@ def load(args: argparse.Namespace) -> tuple[SweepConfig, GlareConfig]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from glare.data.segmentation import DataError
+    from glare.eval.protocol import open_probe_sets
+
     args = parse_args(argv)
     try:
         sweep, cfg = load(args)
         exp_dir = sweep_dir(sweep)
         check_resume(exp_dir, sweep, cfg)
-    except ConfigError as err:
+        open_probe_sets(cfg.data, check_labels=True)  # a bad labelled set fails once, here, not in every trial
+    except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # An invalid point's trial ends with no result at all, which Tune's strict check would turn into a

@@ -250,7 +250,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         from glare.eval.protocol import load_probe_data
 
-        probe_data = load_probe_data(cfg.data, cfg.eval)
+        probe_data = load_probe_data(cfg.data, cfg.eval, multiple=model.patch_size)
         if math.isnan(state.miou_before):
             state.miou_before = evaluate(model, cfg, device, probe_data)
             state.miou_last = state.miou_before
