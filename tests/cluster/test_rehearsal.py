@@ -124,6 +124,7 @@ def test_a_lost_node(tmp_path: Path, max_nodes: int, replaced: bool) -> None:
                           for line in log.splitlines() if "resumed from step " in line})
         assert len(resumed) == 1 and resumed[0] % every == 0
         assert 0 <= killed_at - resumed[0] <= every  # the steps redone: at most one checkpoint interval
+        print(f"node lost after step {killed_at}, resumed from step {resumed[0]}")  # shown with -s
     else:
         assert code == 1, log[-3000:]
         assert summary["miou_after"] is None and summary["export"] is None
