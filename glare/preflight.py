@@ -127,7 +127,7 @@ def preflight(cfg: GlareConfig, *, data: bool = True, storage: bool = True) -> N
     """Every check a training run needs before Ray starts; raises a ValueError naming the key or file."""
     if storage:
         check_storage(cfg.train.storage_path)
-    check_model(cfg)
-    if data:
+    if data:  # before the model: these need neither torch nor timm
         check_pretrain_source(cfg.data.source, cfg.data.image_column)
         check_labelled_source(cfg)
+    check_model(cfg)

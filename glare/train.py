@@ -93,9 +93,9 @@ def _log_lines(run_dir: Path) -> list[str]:
     return path.read_text().splitlines() if path.is_file() else []
 
 
-def end_record(run_dir: Path, skip: int = 0) -> dict[str, Any] | None:
-    """The last ``"event": "end"`` record of metrics.jsonl after its first ``skip`` lines, if any."""
-    ends = [line for line in _log_lines(run_dir)[skip:] if '"event": "end"' in line]
+def end_record(run_dir: Path) -> dict[str, Any] | None:
+    """The ``"event": "end"`` record of metrics.jsonl, if any (a resumed run drops its predecessor's)."""
+    ends = [line for line in _log_lines(run_dir) if '"event": "end"' in line]
     return json.loads(ends[-1]) if ends else None
 
 
@@ -116,12 +116,13 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
     run_dir = Path(storage) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    print(f"[glare] run directory: {run_dir}", flush=True)
 
     init_ray(cfg)
     dataset = pretrain_dataset(cfg)
+    # Only now: a start that fails (bad data, no cluster) leaves no run directory behind.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    print(f"[glare] run directory: {run_dir}", flush=True)
     workers = cfg.ray.num_workers
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -139,17 +140,19 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         ),
         datasets={"train": dataset},
     )
-    logged_before = len(_log_lines(run_dir))  # a resumed run appends to its predecessor's log
     result = trainer.fit()
-    metrics = end_record(run_dir, skip=logged_before) or dict(result.metrics or {})
+    metrics = end_record(run_dir) or dict(result.metrics or {})
     from glare.data.pretrain import skipped_images
 
     skipped = skipped_images()
     wall = time.time() - start
+    stopped = metrics.get("stop_reason") or ""
+    export = run_dir / "export" / "backbone.safetensors"
     summary = {
         "run_dir": str(run_dir),
         "miou_before": metrics.get("miou_before"),
-        "miou_after": metrics.get("miou"),
+        # A stopped run was not evaluated after training and wrote no export.
+        "miou_after": None if stopped else metrics.get("miou"),
         "steps": metrics.get("step"),
         "images_seen": metrics.get("images_seen"),
         "trainable_params": metrics.get("trainable_params"),
@@ -159,9 +162,10 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         "skipped_images": len(skipped),
         "skipped_files": [{"path": p, "reason": r} for p, r in skipped],
         "nonfinite_steps": metrics.get("nonfinite_steps"),
-        "stop_reason": metrics.get("stop_reason") or "",
+        "stop_reason": stopped,
+        "last_good_step": metrics.get("last_good_step"),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "export": str(run_dir / "export" / "backbone.safetensors"),
+        "export": str(export) if not stopped and export.is_file() else None,
         "wall_s": wall,
         "train_s": metrics.get("train_seconds"),
     }

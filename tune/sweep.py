@@ -35,6 +35,7 @@ if str(REPO) not in sys.path:  # `python tune/sweep.py` puts tune/, not the repo
 
 from glare.config import ConfigError, GlareConfig, from_dict, to_dict  # noqa: E402
 from glare.config import to_yaml as config_yaml  # noqa: E402
+from glare.preflight import check_storage, preflight  # noqa: E402
 from tune.space import (  # noqa: E402
     SweepConfig,
     SweepConfigError,
@@ -369,8 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         sweep, cfg = load(args)
         exp_dir = sweep_dir(sweep)
         check_resume(exp_dir, sweep, cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # The base config's model, weights and data, before Ray starts (each trial's run dir is its own).
+        check_storage(sweep.storage_path, "sweep.storage_path")
+        preflight(cfg, storage=False)
+    except (ValueError, OSError) as err:  # ConfigError, WeightsError, DataError
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     # An invalid point's trial ends with no result at all, which Tune's strict check would turn into a
     # crash of the whole sweep. A metric that no trial reports shows instead as "NO RESULT" rows.
