@@ -24,6 +24,22 @@ from glare.config import ConfigError, GlareConfig
 _DECODE_SAMPLE = 16
 
 
+def check_weights_file(weights: str) -> None:
+    """A weights file exists and its content is what its suffix says (no torch needed: runs first)."""
+    from glare.weight_formats import WeightsError, sniff_weights_file
+
+    if weights in ("none", "imgfocus", "timm"):
+        return
+    if not Path(weights).is_file():
+        what = "is a directory" if Path(weights).is_dir() else "does not exist"
+        raise WeightsError(f"config key 'model.weights': {weights} {what}; give a checkpoint file "
+                           "(.safetensors, .pth, .pt, .bin, .ckpt), or imgfocus, timm or none")
+    try:
+        sniff_weights_file(weights)
+    except WeightsError as err:
+        raise WeightsError(f"config key 'model.weights': {err}") from None
+
+
 def check_model(cfg: GlareConfig) -> None:
     """Build the whole GLARE model on the meta device (every check its constructor makes) and check the weights."""
     import torch
@@ -43,10 +59,7 @@ def check_model(cfg: GlareConfig) -> None:
         raise ConfigError(f"config key 'model.arch': {err}") from None
     if weights in ("none", "imgfocus", "timm"):
         return  # imgfocus is checked by the caller (installed or not); timm's hub weights need the network
-    if not Path(weights).is_file():
-        what = "is a directory" if Path(weights).is_dir() else "does not exist"
-        raise WeightsError(f"config key 'model.weights': {weights} {what}; give a checkpoint file "
-                           "(.safetensors, .pth, .pt, .bin, .ckpt), or imgfocus, timm or none")
+    check_weights_file(weights)
     try:
         read_backbone(backbone, weights)
     except WeightsError as err:
@@ -127,6 +140,7 @@ def preflight(cfg: GlareConfig, *, data: bool = True, storage: bool = True) -> N
     """Every check a training run needs before Ray starts; raises a ValueError naming the key or file."""
     if storage:
         check_storage(cfg.train.storage_path)
+    check_weights_file(cfg.model.weights)
     if data:  # before the model: these need neither torch nor timm
         check_pretrain_source(cfg.data.source, cfg.data.image_column)
         check_labelled_source(cfg)

@@ -106,8 +106,7 @@ def test_bad_input_fails_before_ray_with_one_line(argv, named, bad, tmp_path):
         argv.append(f"sweep.storage_path={storage}")
     if "glare.eval" in argv or "glare.viz" in argv:
         argv += ["--out", str(storage / "out")]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": "",
-           "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""}
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     err_lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stdout + proc.stderr

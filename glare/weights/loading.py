@@ -33,10 +33,10 @@ Formats understood:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,9 +48,7 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-
-class WeightsError(ValueError):
-    """A weights source is missing, unreadable, or does not fit the model."""
+from glare.weight_formats import WeightsError, sniff_weights_file
 
 
 @dataclass
@@ -86,28 +84,6 @@ _RENAMES = (
 )
 
 
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
-_PICKLE_MAGIC = b"\x80"  # legacy torch.save: a pickle of protocol 2 or later
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-
-
-def _check_safetensors_header(path: Path) -> None:
-    """Raise WeightsError unless ``path`` starts with a complete safetensors header (8-byte length + JSON)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        ok = 2 <= length <= size - 8
-        header = f.read(length) if ok else b""
-    try:
-        ok = ok and isinstance(json.loads(header), dict)
-    except ValueError:
-        ok = False
-    if not ok:
-        raise WeightsError(f"{path} is not a complete safetensors file (its header is missing, truncated or not "
-                           "JSON); re-download or re-export it")
-
-
 def load_state_file(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint file without executing code from it.
 
@@ -124,26 +100,17 @@ def load_state_file(path: str | Path) -> dict[str, Any]:
             pickle that needs arbitrary Python objects; the message names the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        _check_safetensors_header(path)
+    kind = sniff_weights_file(path)
+    if kind == "safetensors":
         try:
             return load_file(path)
         except (SafetensorError, OSError) as err:
             raise WeightsError(f"cannot read safetensors file {path}: {err}; re-download or re-export it") from None
-    if suffix not in _TORCH_SUFFIXES:
-        raise WeightsError(f"unknown weights file type {suffix!r} ({path}): expected .safetensors, .pth, .pt or .bin")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    zipped = magic == _ZIP_MAGIC
-    if not (zipped or magic.startswith(_PICKLE_MAGIC)):
-        raise WeightsError(f"{path} is not a torch checkpoint (neither a zip archive nor a pickle; it starts with "
-                           f"{magic!r}); re-save it with torch.save(model.state_dict(), ...) or convert it to "
-                           ".safetensors")
+    zipped = kind == "zip"
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # torch warns about the pickle protocol of damaged files; the error below says what matters.
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             # mmap: the tensors are read when used, so checking a large file's keys and shapes is cheap.
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as err:
