@@ -423,7 +423,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         final.update(trainable_params=sum(p.numel() for p in model.trainable_parameters()),
                      backbone_params=sum(p.numel() for p in model.backbone.parameters()),
                      train_seconds=state.train_seconds)
-    final.update(stop_reason=stop_reason, done=1, last_good_step=last_good)
+    # A finished run's closing report below writes the final checkpoint; a stopped run's writes none.
+    final.update(stop_reason=stop_reason, done=1, last_good_step=last_good if stop_reason else state.step)
     # Ray's Result keeps the metrics of the last *checkpoint*; a run stopped by non-finite
     # steps ends without one, so the closing record also goes to metrics.jsonl.
     runlog.end(with_state(final))
