@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:  # `python tune/sweep.py` puts tune/, not the repo
 
 from glare.config import ConfigError, GlareConfig, from_dict, to_dict  # noqa: E402
 from glare.config import to_yaml as config_yaml  # noqa: E402
-from glare.preflight import check_storage, preflight  # noqa: E402
+from glare.preflight import check_model, check_storage, preflight  # noqa: E402
 from tune.space import (  # noqa: E402
     SweepConfig,
     SweepConfigError,
@@ -84,6 +84,7 @@ def train_trial(point: dict[str, Any], base: dict[str, Any], exp_dir: str) -> No
 
     try:
         cfg = trial_config(from_dict(base), point)
+        check_model(cfg)  # a point can break a model rule (regions vs heads): invalid, not an error to retry
     except ConfigError as err:
         # The trial ends without a result (Tune's strict metric check is off for this, see main): Optuna
         # records it as pruned, results.csv as INVALID with this message. Raising instead would retry, per
