@@ -70,8 +70,7 @@ def check_pretrain_source(source: str, image_column: str = "image") -> None:
     """The pre-training source exists and holds at least one image that decodes (local sources only)."""
     from PIL import Image
 
-    from glare.data.segmentation import DataError
-    from glare.data.sources import check_parquet, local_files
+    from glare.data.sources import DataError, check_parquet, local_files
 
     if source == "mosaic" or "://" in source:
         return  # generated on demand / remote: read by Ray Data itself

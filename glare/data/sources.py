@@ -6,9 +6,12 @@ import glob
 import os
 from pathlib import Path
 
-from glare.data.segmentation import IMAGE_EXTENSIONS, DataError
-
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _GLOB_CHARS = "*?["
+
+
+class DataError(ValueError):
+    """Data that is missing, empty or malformed (the message names the file or folder)."""
 
 
 def local_files(source: str) -> list[Path]:
