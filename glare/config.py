@@ -19,6 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
+
+
+MATERIALIZE_MODES = ("auto", "true", "false")
 
 
 class ConfigError(ValueError):
@@ -149,7 +153,10 @@ class DataConfig:
     source: str = "mosaic"
     image_column: str = "image"
     base_size: int = 256
-    materialize: bool = True
+    # Keep every decoded image in Ray's object store ("true": fast epochs) or decode while streaming
+    # ("false"). "auto" materialises a set whose decoded size (images x base_size^2 x 3 bytes) fits in
+    # half the object store and streams a larger one; the run's data line says which it used.
+    materialize: str = "auto"
     # Rows each worker shuffles per epoch (Ray Data's local shuffle buffer, seeded by train.seed, the
     # epoch and the rank, so a resumed run replays the same order); 0 keeps the stored order.
     shuffle_buffer: int = 1024
@@ -158,6 +165,16 @@ class DataConfig:
     # (ade20k, cityscapes, pascal_context, loveda, voc, generic) with `seg_root`.
     seg_format: str = "mosaic"
     seg_root: str = ""
+    # Your own labelled set (seg_format=generic): <root>/<split>/{images,masks} or <root>/{images,masks}/<split>,
+    # masks are single-channel PNGs of class indices. The classes: seg_class_names, else a classes.txt or
+    # class_names.txt in seg_root (one name a line), else seg_num_classes numbered ones (0: from the names).
+    seg_num_classes: int = 0
+    seg_class_names: list[str] = field(default_factory=list)
+    seg_ignore_index: int = 255  # the mask value of unlabelled ("void") pixels
+    seg_zero_is_void: bool = False  # 0 is unlabelled and the classes are 1..N (mmseg's reduce_zero_label)
+    # The split the probe trains on and the one it scores (any format; e.g. "test" for a generic set).
+    seg_train_split: str = "train"
+    seg_eval_split: str = "val"
 
 
 @dataclass
@@ -200,7 +217,10 @@ class EvalConfig:
     probe_lr: float = 1e-3
     probe_batch_size: int = 16
     last_blocks: int = 1
-    img_size: int = 224
+    img_size: int = 224  # the short side of the probe's images
+    # false: keep the whole frame (short side to img_size, the long side by the set's aspect ratio);
+    # true: centre-crop a square (a 2:1 frame loses half its pixels). Square sets give the same images.
+    square_crop: bool = False
     seed: int = 0
 
 
@@ -214,6 +234,12 @@ class RayConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # < 1 packs several small workers (or sweep trials) on one GPU
     max_failures: int = 0
+    # How Ray Train places the workers' bundles: PACK (fewest nodes), SPREAD (one per node where it
+    # can), STRICT_SPREAD (one per node or wait for more nodes), STRICT_PACK (all on one node).
+    placement_strategy: str = "PACK"
+    # Seconds a (re)start may wait for the workers' resources, e.g. while the autoscaler replaces a
+    # lost node; then the run stops with its last checkpoint intact. 0: wait as long as it takes.
+    capacity_wait_s: float = 0.0
 
 
 @dataclass
@@ -364,6 +390,22 @@ def validate(cfg: GlareConfig) -> None:
            f"must be >= augment.view_size ({a.view_size}), got {d.base_size}")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0 (0: no shuffle), got {d.shuffle_buffer}")
     _check(d.mosaic.num_classes >= 2, "data.mosaic.num_classes", "must be >= 2")
+    _check(d.materialize.lower() in MATERIALIZE_MODES, "data.materialize",
+           f"must be 'auto', 'true' or 'false', got {d.materialize!r}")
+    _check(0 <= d.seg_num_classes < 255, "data.seg_num_classes",
+           f"must be in [0, 255) (0: count data.seg_class_names), got {d.seg_num_classes}")
+    _check(not d.seg_class_names or d.seg_num_classes in (0, len(d.seg_class_names)), "data.seg_num_classes",
+           f"is {d.seg_num_classes}, but data.seg_class_names lists {len(d.seg_class_names)} names")
+    _check(len(set(d.seg_class_names)) == len(d.seg_class_names), "data.seg_class_names",
+           f"names must be distinct, got {list(d.seg_class_names)}")
+    _check(0 <= d.seg_ignore_index <= 65535, "data.seg_ignore_index",
+           f"must be a mask value in [0, 65535], got {d.seg_ignore_index}")
+    for name in ("seg_train_split", "seg_eval_split"):
+        v = getattr(d, name)
+        _check(bool(v.strip()) and "/" not in v, f"data.{name}", f"must name one split folder, got {v!r}")
+    _check(d.seg_train_split != d.seg_eval_split, "data.seg_eval_split",
+           f"must differ from data.seg_train_split (the probe would be scored on its own training images), "
+           f"both are {d.seg_eval_split!r}")
     _check(d.mosaic.train >= 1 and d.mosaic.val >= 1, "data.mosaic", "train and val must be >= 1")
     _check(0.0 < o.lr < float("inf"), "optim.lr", f"must be > 0 and finite, got {o.lr}")
     _check(0.0 <= o.min_lr <= o.lr, "optim.min_lr", "must be in [0, optim.lr]")
@@ -384,6 +426,9 @@ def validate(cfg: GlareConfig) -> None:
     _check(ray.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
     _check(ray.gpus_per_worker > 0, "ray.gpus_per_worker", "must be > 0")
     _check(ray.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: retry forever)")
+    _check(ray.capacity_wait_s >= 0, "ray.capacity_wait_s", f"must be >= 0 (0: no limit), got {ray.capacity_wait_s}")
+    _check(ray.placement_strategy in PLACEMENT_STRATEGIES, "ray.placement_strategy",
+           f"must be one of {', '.join(PLACEMENT_STRATEGIES)}, got {ray.placement_strategy!r}")
 
 
 def to_yaml(cfg: GlareConfig) -> str:

@@ -5,7 +5,7 @@ through a start: the model-dependent config rules (regions vs attention heads, t
 token, the view size vs the patch size; the model is built on the meta device, so this costs
 no memory and no weights), the weights source (exists, readable, of the format its suffix
 says, fits the architecture after the project's remapping), the pre-training and labelled
-data sources (exist, hold images) and the storage path (a directory can be created there).
+pre-training data source (exists, holds images) and the storage path (a directory can be created there).
 Each failure raises a ``ValueError`` subclass (:class:`~glare.config.ConfigError`,
 :class:`~glare.weights.loading.WeightsError`, :class:`~glare.data.segmentation.DataError`)
 whose message names the key or file and the fix; the command lines print it as one
@@ -98,21 +98,6 @@ def check_pretrain_source(source: str, image_column: str = "image") -> None:
     # A large set whose first files are damaged: the decode stage skips and names them.
 
 
-def check_labelled_source(cfg: GlareConfig) -> None:
-    """The labelled set of the linear probe is where ``data.seg_format`` / ``data.seg_root`` say."""
-    from glare.data.segmentation import DataError, open_segmentation
-    from glare.eval.protocol import segmentation_root
-
-    if cfg.data.seg_format == "mosaic":
-        return
-    root = segmentation_root(cfg.data)
-    try:
-        for split in ("train", "val"):
-            open_segmentation(cfg.data.seg_format, root, split)
-    except (ValueError, OSError) as err:  # DataError, or no data.seg_root at all
-        raise DataError(f"config key 'data.seg_root': {' '.join(str(err).split())}") from None
-
-
 def check_storage(storage: str, key: str = "train.storage_path") -> None:
     """A directory can be created under ``storage`` (local paths; URIs are left to their filesystem).
 
@@ -142,5 +127,5 @@ def preflight(cfg: GlareConfig, *, data: bool = True, storage: bool = True) -> N
     check_weights_file(cfg.model.weights)
     if data:  # before the model: these need neither torch nor timm
         check_pretrain_source(cfg.data.source, cfg.data.image_column)
-        check_labelled_source(cfg)
+        # The labelled (probe) set is checked by glare.train.run / tune/sweep.py (open_probe_sets), also before Ray.
     check_model(cfg)

@@ -67,25 +67,57 @@ def init_ray(cfg: GlareConfig) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # The job's runtime env reaches Ray Train's controller actor wherever it runs.
+    env = {START_TIMEOUT_ENV: str(cfg.ray.capacity_wait_s)} if cfg.ray.capacity_wait_s else {}
+    runtime_env = {"env_vars": env} if env else None
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         return
     # Locally, Ray Data's decode stage and the train workers share the CPUs; give the
     # workers what they ask for plus one CPU for data so neither starves the other.
     cpus = max(os.cpu_count() or 1, int(cfg.ray.num_workers * cfg.ray.cpus_per_worker + 0.999) + 1)
-    ray.init(num_cpus=cpus, log_to_driver=True)
+    ray.init(num_cpus=cpus, log_to_driver=True, runtime_env=runtime_env)
 
 
-def pretrain_dataset(cfg: GlareConfig):
-    """The Ray Dataset of unlabelled images the config names (the mosaic's unlabelled split by default)."""
-    from glare.data.pretrain import build_pretrain_dataset
+def pretrain_data(cfg: GlareConfig):
+    """The unlabelled images the config names (the mosaic's unlabelled split by default) as a
+    :class:`glare.data.pretrain.PretrainData`: the Ray Dataset and whether it is materialised."""
+    from glare.data.pretrain import open_pretrain_data
 
     source = cfg.data.source
     if source == "mosaic":
         from glare.data.mosaic import ensure_mosaic
 
         source = str(ensure_mosaic(cfg.data.mosaic) / "unlabelled")
-    return build_pretrain_dataset(source, cfg.data.base_size, cfg.data.image_column, materialize=cfg.data.materialize)
+    return open_pretrain_data(source, cfg.data.base_size, cfg.data.image_column, materialize=cfg.data.materialize)
+
+
+# Ray Train's limit on how long a worker group may wait for its resources before the try counts as failed.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+def worker_resources(cfg: GlareConfig) -> dict[str, float]:
+    """What each training worker asks Ray for (one bundle of the run's placement group)."""
+    return {"CPU": cfg.ray.cpus_per_worker, **({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {})}
+
+
+def no_capacity(err: BaseException) -> bool:
+    """Whether a failed ``fit`` means the workers' resources never came (Ray Train's startup timeout)."""
+    failure = getattr(err, "controller_failure", None)
+    return type(failure).__name__ == "WorkerGroupStartupTimeoutError"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest of Ray Train's ``checkpoint_<timestamp>`` folders in a run directory."""
+    found = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    return found[-1] if found else None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The training step a checkpoint folder holds."""
+    from glare.engine.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(path)["loop"]["step"])
 
 
 def _log_lines(run_dir: Path) -> list[str]:
@@ -109,8 +141,12 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from glare.engine.loop import train_loop_per_worker
+    from glare.eval.protocol import open_probe_sets
 
     start = time.time()
+    # The labelled set is read by the rank-0 worker; a mistake in it should fail here, in one line, before
+    # a run directory or Ray exists.
+    probe_train, probe_eval = open_probe_sets(cfg.data, check_labels=True)
     name = cfg.train.run_name or time.strftime("glare-%Y%m%d-%H%M%S")
     storage = cfg.train.storage_path
     if "://" not in storage:
@@ -118,7 +154,10 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     run_dir = Path(storage) / name
 
     init_ray(cfg)
-    dataset = pretrain_dataset(cfg)
+    data = pretrain_data(cfg)
+    d = cfg.data
+    print(f"[glare] data: {data.summary()}; probe set: {d.seg_format}, {probe_eval.num_classes} classes, "
+          f"{len(probe_train)} {d.seg_train_split} / {len(probe_eval)} {d.seg_eval_split} images", flush=True)
     # Only now: a start that fails (bad data, no cluster) leaves no run directory behind.
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -129,18 +168,33 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=cfg.ray.use_gpu,
-            resources_per_worker={"CPU": cfg.ray.cpus_per_worker,
-                                  **({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {})},
+            resources_per_worker=worker_resources(cfg),
+            placement_strategy=cfg.ray.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            # With a capacity limit, the first wait past it ends the run (Ray would retry it forever).
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures,
+                                                   controller_failure_limit=0 if cfg.ray.capacity_wait_s else -1),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),
         ),
-        datasets={"train": dataset},
+        datasets={"train": data.dataset},
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.ControllerError as err:
+        if not (cfg.ray.capacity_wait_s and no_capacity(err)):
+            raise
+        last = latest_checkpoint(run_dir)
+        reason = (f"no capacity for {workers} worker(s) of {worker_resources(cfg)} within ray.capacity_wait_s="
+                  f"{cfg.ray.capacity_wait_s:g} s; " + (f"the last checkpoint (step {checkpoint_step(last)}, {last}) "
+                  f"is intact: rerun with train.run_name={name} to resume" if last else "no checkpoint was written"))
+        summary = {"run_dir": str(run_dir), "miou_before": None, "miou_after": None, "steps": None,
+                   "stop_reason": reason, "checkpoint": str(last) if last else None, "export": None,
+                   "wall_s": time.time() - start}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
     metrics = end_record(run_dir) or dict(result.metrics or {})
     from glare.data.pretrain import skipped_images
 
@@ -159,9 +213,13 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         "backbone_params": metrics.get("backbone_params"),
         "images_per_s": (metrics.get("images_seen") or 0) / metrics["train_seconds"]
         if metrics.get("train_seconds") else None,
+        "pretrain_images": data.num_images,
+        "materialized": data.materialized,
+        "probe_classes": probe_eval.num_classes,
         "skipped_images": len(skipped),
         "skipped_files": [{"path": p, "reason": r} for p, r in skipped],
         "nonfinite_steps": metrics.get("nonfinite_steps"),
+        "worker_nodes": metrics.get("worker_nodes"),
         "stop_reason": stopped,
         "last_good_step": metrics.get("last_good_step"),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
@@ -194,7 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # ConfigError, WeightsError, DataError
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    summary = run(cfg)
+    from glare.data.segmentation import DataError
+
+    try:
+        summary = run(cfg)
+    except DataError as err:  # an unreadable or mislabelled probe set: one line
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     before, after = summary["miou_before"], summary["miou_after"]
     if summary["stop_reason"]:
         print(f"error: training stopped: {summary['stop_reason']}", file=sys.stderr)

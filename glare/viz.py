@@ -367,8 +367,9 @@ def run(args: argparse.Namespace) -> list[Path]:
         images, labels = load_images(args.images, size)[: args.num_images], None
     else:
         images, labels = data.val[0][: args.num_images], data.val[1][: args.num_images]
-        if size != images.shape[-1]:
-            images = _resize_uint8(images, (size, size))
+        h, w = images.shape[-2:]
+        if size != min(h, w):  # short side to --size, the frame's aspect kept (non-square sets)
+            images = _resize_uint8(images, (round(h * size / min(h, w)), round(w * size / min(h, w))))
     out = Path(args.out)
     written = []
     if "attention" in args.figures:

@@ -5,7 +5,7 @@ may span several GPUs) whose reports reach Tune through ``TuneReportCallback``.
 Optuna (TPE, seeded) proposes the points, starting from the base config's own
 values; ASHA stops weak trials at the intermediate linear-probe evaluations.
 ``key=value`` sets the trials' base config, ``sweep.key=value`` the sweep
-(``sweep.num_samples=8``, ``sweep.space.optim.lr.high=1e-3``, see ``--help``).
+(``sweep.num_samples=8``, ``sweep.space.optim.lr.high=0.05``, see ``--help``).
 
 Run it from the repository root, locally (it starts Ray itself) or on a
 cluster, unchanged: ``ray job submit --working-dir . -- python tune/sweep.py ...``.
@@ -366,11 +366,14 @@ def load(args: argparse.Namespace) -> tuple[SweepConfig, GlareConfig]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from glare.eval.protocol import open_probe_sets
+
     args = parse_args(argv)
     try:
         sweep, cfg = load(args)
         exp_dir = sweep_dir(sweep)
         check_resume(exp_dir, sweep, cfg)
+        open_probe_sets(cfg.data, check_labels=True)  # a bad labelled set fails once, here, not in every trial
         # The base config's model, weights and data, before Ray starts (each trial's run dir is its own).
         check_storage(sweep.storage_path, "sweep.storage_path")
         preflight(cfg, storage=False)

@@ -19,6 +19,7 @@ import io
 import logging
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ from PIL import Image, ImageOps
 from glare.data.segmentation import IMAGE_EXTENSIONS, DataError
 from glare.data.sources import check_parquet, local_files
 
-__all__ = ["DataError", "build_pretrain_dataset", "decode_image", "shuffled_batches", "skipped_images"]
+__all__ = ["DataError", "PretrainData", "build_pretrain_dataset", "decide_materialize", "decode_image",
+           "open_pretrain_data", "shuffled_batches", "skipped_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,19 +140,21 @@ def _num_blocks(n: int) -> int:
     return max(1, min(n, max(2 * cpus, math.ceil(n / _ROWS_PER_BLOCK))))
 
 
-def _read(source: str, image_column: str) -> tuple[ray.data.Dataset, str | None, bool]:
+def _read(source: str, image_column: str) -> tuple[ray.data.Dataset, str | None, bool, int | None]:
     """Encoded images with a ``path`` column.
 
-    Returns the dataset, the column holding the bytes (None: read each row's path)
-    and whether every row is a whole file (else rows of a parquet file).
+    Returns the dataset, the column holding the bytes (None: read each row's path),
+    whether every row is a whole file (else rows of a parquet file) and the number
+    of images (None for a remote source, which is not listed up front).
     """
     if "://" in source:
         # Remote data can be huge: keep Ray's own file-based blocking, no repartition.
         try:
             if source.rstrip("/").endswith(".parquet"):
-                return ray.data.read_parquet(source, columns=[image_column], include_paths=True), image_column, False
+                ds = ray.data.read_parquet(source, columns=[image_column], include_paths=True)
+                return ds, image_column, False, None
             exts = [e.lstrip(".") for e in IMAGE_EXTENSIONS]
-            return ray.data.read_binary_files(source, include_paths=True, file_extensions=exts), "bytes", True
+            return ray.data.read_binary_files(source, include_paths=True, file_extensions=exts), "bytes", True, None
         except (OSError, ValueError) as err:
             raise DataError(f"cannot read pre-training source {source}: {err}") from None
     path = Path(source).expanduser()
@@ -159,16 +163,77 @@ def _read(source: str, image_column: str) -> tuple[ray.data.Dataset, str | None,
             raise DataError(f"pre-training source not found: {source}")
         rows = check_parquet(path, image_column)
         ds = ray.data.read_parquet(str(path), columns=[image_column], include_paths=True)
-        return ds.repartition(_num_blocks(rows)), image_column, False
+        return ds.repartition(_num_blocks(rows)), image_column, False, rows
     files = local_files(source)
     items = [{"path": str(p)} for p in files]
-    return ray.data.from_items(items, override_num_blocks=_num_blocks(len(items))), None, True
+    return ray.data.from_items(items, override_num_blocks=_num_blocks(len(items))), None, True, len(items)
+
+
+# "auto" materialises a set only if its decoded rows take at most this share of the object store: the rest
+# is left for the blocks in flight (the iterator's prefetch, the train workers' batches).
+STORE_FRACTION = 0.5
+
+
+@dataclass
+class PretrainData:
+    """The pre-training dataset and how it is held (what the run's data summary line reports)."""
+
+    dataset: ray.data.Dataset
+    num_images: int | None  # files or parquet rows found (None: a remote source, not listed up front)
+    materialized: bool
+    reason: str  # why it is materialised or streamed, for the summary line
+
+    def summary(self) -> str:
+        """One line: how many images and whether they are materialised or streamed, and why."""
+        count = "an unlisted number of" if self.num_images is None else f"{self.num_images}"
+        how = "materialised" if self.materialized else "streamed"
+        return f"{count} unlabelled images, {how} ({self.reason})"
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def decide_materialize(mode: str | bool, num_images: int | None, base_size: int, store_bytes: float | None,
+                       fraction: float = STORE_FRACTION) -> tuple[bool, str]:
+    """Whether to keep the decoded set in the object store, and why (for the data summary line).
+
+    ``mode`` ``true``/``false`` decides by itself; ``auto`` materialises when the decoded size,
+    ``num_images`` x ``base_size``^2 x 3 bytes, fits in ``fraction`` of the object store
+    (``store_bytes``), and streams a set whose size or store is unknown.
+    """
+    mode = str(mode).lower()
+    if mode not in ("auto", "true", "false"):
+        raise DataError(f"data.materialize must be 'auto', 'true' or 'false', got {mode!r}")
+    if mode != "auto":
+        return mode == "true", f"data.materialize={mode}"
+    if num_images is None:
+        return False, "data.materialize=auto: a remote source's size is not known up front"
+    if not store_bytes:
+        return False, "data.materialize=auto: the object store's size is unknown"
+    need, room = num_images * base_size * base_size * 3, fraction * store_bytes
+    verdict = "fits in" if need <= room else "exceeds"
+    return need <= room, (f"data.materialize=auto: {_gb(need)} decoded {verdict} {fraction:.0%} of the "
+                          f"{_gb(store_bytes)} object store")
+
+
+def object_store_bytes() -> float | None:
+    """The object store memory Ray reports as available now (else the cluster's total), in bytes."""
+    return ray.available_resources().get("object_store_memory") or ray.cluster_resources().get("object_store_memory")
 
 
 def build_pretrain_dataset(
-    source: str, base_size: int, image_column: str = "image", materialize: bool = False
+    source: str, base_size: int, image_column: str = "image", materialize: bool | str = False
 ) -> ray.data.Dataset:
-    """Unlabelled images as rows ``{"image": uint8 (base_size, base_size, 3)}``.
+    """Unlabelled images as rows ``{"image": uint8 (base_size, base_size, 3)}``: :func:`open_pretrain_data`'s
+    dataset (see there for the arguments)."""
+    return open_pretrain_data(source, base_size, image_column, materialize).dataset
+
+
+def open_pretrain_data(
+    source: str, base_size: int, image_column: str = "image", materialize: bool | str = "auto"
+) -> PretrainData:
+    """Unlabelled images as rows ``{"image": uint8 (base_size, base_size, 3)}``, with how they are held.
 
     Args:
         source: a folder (searched recursively for image files), a glob pattern, a
@@ -179,9 +244,10 @@ def build_pretrain_dataset(
             For the embedded mosaic, pass its ``unlabelled`` folder.
         base_size: side of the square uint8 images the rows hold.
         image_column: the parquet column with the encoded images.
-        materialize: decode everything now and keep it in the object store
+        materialize: True: decode everything now and keep it in the object store
             (fast epochs for sets that fit; also checks that at least one image
-            decodes).
+            decodes). False: decode while streaming, every epoch. ``"auto"``:
+            materialise if the decoded set fits (:func:`decide_materialize`).
 
     Raises:
         DataError: the source is missing, names no images, is a parquet file
@@ -197,7 +263,8 @@ def build_pretrain_dataset(
     # lazy plan and handles from later `get_if_exists` calls do not count. Keep every handle (they
     # are tiny) so the creating one stays alive as long as this process drives the job.
     _SKIP_LOG_HANDLES.append(skip_log)
-    encoded, column, rows_are_files = _read(source, image_column)
+    encoded, column, rows_are_files, num_images = _read(source, image_column)
+    materialized, reason = decide_materialize(materialize, num_images, base_size, object_store_bytes())
     ds = encoded.map_batches(
         _decode_batch,
         fn_kwargs={"size": base_size, "column": column, "rows_are_files": rows_are_files, "source": source,
@@ -205,12 +272,12 @@ def build_pretrain_dataset(
         batch_size=None,  # one task per block: keeps the blocks made above as the unit of parallelism
         batch_format="numpy",
     )
-    if materialize:
+    if materialized:
         ds = ds.materialize()
         if ds.count() == 0:
             examples = "; ".join(f"{n} ({r})" for n, r in skipped_images(source)[:3])
             raise DataError(f"no image in the pre-training source {source} could be decoded (e.g. {examples})")
-    return ds
+    return PretrainData(ds, num_images, materialized, reason)
 
 
 def shuffle_seed(seed: int, epoch: int, rank: int) -> int:

@@ -246,6 +246,18 @@ def evaluate(model: GlareModel, cfg: GlareConfig, device: torch.device, data: An
     return float(result.miou)
 
 
+def worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every worker, by rank (the summary's record of where a run trained)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [here]
+    nodes: list[Any] = [None] * world
+    dist.all_gather_object(nodes, here)
+    return nodes
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: ``config`` = {"cfg": dict, "run_dir": str}."""
     import ray.train
@@ -260,6 +272,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed + rank)  # different views on every worker
     model.train()
     runner = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    nodes = worker_nodes(world)
     optimizer = build_optimizer(model, cfg, world)
     state = LoopState()
 
@@ -281,7 +294,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         from glare.eval.protocol import load_probe_data
 
-        probe_data = load_probe_data(cfg.data, cfg.eval)
+        probe_data = load_probe_data(cfg.data, cfg.eval, multiple=model.patch_size)
         if math.isnan(state.miou_before):
             state.miou_before = evaluate(model, cfg, device, probe_data)
             state.miou_last = state.miou_before
@@ -427,6 +440,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     final.update(stop_reason=stop_reason, done=1, last_good_step=last_good if stop_reason else state.step)
     # Ray's Result keeps the metrics of the last *checkpoint*; a run stopped by non-finite
     # steps ends without one, so the closing record also goes to metrics.jsonl.
-    runlog.end(with_state(final))
+    runlog.end({**with_state(final), "worker_nodes": nodes})
     runlog.close()
     report(final, with_checkpoint=not stop_reason)

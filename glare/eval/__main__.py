@@ -95,10 +95,14 @@ def run_linear(args: argparse.Namespace) -> dict[str, Any]:
     from glare.eval.protocol import load_probe_data, run_probe
 
     cfg, model = _load(args)
-    data = load_probe_data(cfg.data, cfg.eval)
+    data = load_probe_data(cfg.data, cfg.eval, multiple=model.patch_size)
     result = run_probe(partial(model.dense_features, last_blocks=cfg.eval.last_blocks), data, cfg.eval, args.device)
     print(result.table())
-    record = {**result.to_dict(), **_provenance(args)}
+    shape = tuple(data.val[0].shape[-2:])
+    print(f"{cfg.data.seg_format} set: {len(data.train[0])} {cfg.data.seg_train_split} / {len(data.val[0])} "
+          f"{cfg.data.seg_eval_split} images at {shape[0]}x{shape[1]} px, {data.num_classes} classes")
+    record = {**result.to_dict(), "num_classes": data.num_classes, "image_size": list(shape),
+              "train_images": len(data.train[0]), "eval_images": len(data.val[0]), **_provenance(args)}
     print(f"wrote {_write_json(args.out, record)}")
     return record
 

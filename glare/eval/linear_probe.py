@@ -119,7 +119,7 @@ def _check_split(name: str, split: Split, num_classes: int, ignore_index: int) -
         raise ValueError(f"{name} must be a pair (images, labels)")
     images, labels = split
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"{name} images must be uint8 (N, 3, S, S), got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(f"{name} images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
     if labels.dtype != torch.int64 or labels.ndim != 3 or len(labels) != len(images):
         raise ValueError(
             f"{name} labels must be int64 (N, H, W) with N={len(images)}, got {labels.dtype} {tuple(labels.shape)}"
@@ -254,9 +254,9 @@ def linear_probe(
     """Fit a linear segmentation head on frozen features and report val mIoU at label resolution.
 
     Args:
-        feature_fn: maps float images in [0, 1], (B, 3, S, S), to frozen features (B, C, h, w); the caller
+        feature_fn: maps float images in [0, 1], (B, 3, H, W), to frozen features (B, C, h, w); the caller
             picks the blocks (e.g. concatenates the last n). An nn.Module is put in eval mode while it runs.
-        train: uint8 images (N, 3, S, S) and int64 labels (N, H, W).
+        train: uint8 images (N, 3, H, W) and int64 labels (N, H, W), any size (non-square too).
         val: the same for the split that is scored.
         num_classes: number of classes C; labels are in [0, C) or ``ignore_index``.
         steps: AdamW steps on the head.

@@ -198,3 +198,61 @@ def test_broken_yaml_fails_validation(
     mutate(config)
     with pytest.raises(error, match=re.escape(message)):
         validated(config)
+
+
+# --- The requests our code makes fit the node types the YAMLs declare ---------------------------------
+
+def schedulable_types(prepared: Config) -> dict[str, dict[str, float]]:
+    """Each node type that can exist (the head, or a worker type with max_workers > 0) -> its resources."""
+    head = prepared["head_node_type"]
+    return {k: v["resources"] for k, v in prepared["available_node_types"].items()
+            if k == head or v.get("max_workers", 0) > 0}
+
+
+def fits(request: dict[str, float], resources: dict[str, float]) -> bool:
+    return all(resources.get(key, 0) >= amount for key, amount in request.items() if amount)
+
+
+def unschedulable(prepared: Config, cfg: Any) -> list[str]:
+    """What GLARE's training (``cfg``) and the sweep would ask for that no node type of ``prepared`` holds."""
+    from glare.train import worker_resources
+    from tune.space import SweepConfig
+
+    types = schedulable_types(prepared)
+    bundle = worker_resources(cfg)
+    requests = {
+        "a training worker": bundle,
+        "a sweep trial's actor": {"CPU": SweepConfig().resources.trial_cpus},
+        "a Ray Data task": {"CPU": 1.0},  # Ray Data's map tasks ask for one CPU by default
+    }
+    if cfg.ray.placement_strategy == "STRICT_PACK":
+        requests["all workers on one node"] = {k: v * cfg.ray.num_workers for k, v in bundle.items()}
+    return [f"{what} {req}" for what, req in requests.items() if not any(fits(req, r) for r in types.values())]
+
+
+# The main job and the README's cluster commands (cluster/README.md: "one 4-GPU training run").
+RUNS = [("default", []), ("default", ["ray.num_workers=4", "ray.use_gpu=true"]),
+        ("tiny", ["ray.num_workers=2", "ray.use_gpu=true", "ray.gpus_per_worker=0.5"]),
+        ("default", ["ray.num_workers=4", "ray.use_gpu=true", "ray.placement_strategy=STRICT_PACK"])]
+
+
+@pytest.mark.parametrize(("preset", "overrides"), RUNS)
+def test_aws_node_types_hold_what_glare_asks_for(preset: str, overrides: list[str]) -> None:
+    from glare.config import load_config
+
+    assert unschedulable(validated(load("aws")), load_config(preset, overrides)) == []
+
+
+def test_a_node_type_too_small_for_the_workers_is_caught() -> None:
+    # The check above must be able to fail: GPU workers asking for more CPUs than any GPU node has.
+    from glare.config import load_config
+
+    cfg = load_config("default", ["ray.use_gpu=true", "ray.cpus_per_worker=64"])
+    missing = unschedulable(validated(load("aws")), cfg)
+    assert missing == ["a training worker {'CPU': 64.0, 'GPU': 1.0}"]
+    config = load("aws")
+    config["available_node_types"]["head_cpu"]["resources"]["CPU"] = 0  # no CPU left for a trial's actor
+    for name in ("gpu_1x", "gpu_1x_spot", "gpu_4x"):
+        config["available_node_types"][name]["max_workers"] = 0
+    missing = unschedulable(validated(config), load_config("default"))
+    assert [m.split(" {")[0] for m in missing] == ["a training worker", "a sweep trial's actor", "a Ray Data task"]

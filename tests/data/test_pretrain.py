@@ -13,7 +13,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from glare.data.pretrain import DataError, build_pretrain_dataset, decode_image, skipped_images
+from glare.data.pretrain import DataError, build_pretrain_dataset, decode_image, open_pretrain_data, skipped_images
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -158,6 +158,20 @@ def test_all_files_corrupt_raises_when_materialized(tmp_path: Path) -> None:
         build_pretrain_dataset(str(tmp_path), base_size=8, materialize=True)
     assert str(tmp_path / "a.jpg") in str(err.value) and str(tmp_path / "b.png") in str(err.value)
     assert len(skipped_images(str(tmp_path))) == 2
+
+
+def test_auto_materialises_what_fits_the_object_store_and_streams_the_rest(tmp_path: Path) -> None:
+    """The fixture's store is 256 MiB: 6 images at 8 px fit in half of it, at 3000 px (162 MB) they do not."""
+    _write_good(tmp_path, range(6))
+    small = open_pretrain_data(str(tmp_path), base_size=8)
+    assert small.materialized and small.num_images == 6 and small.dataset.count() == 6
+    assert small.summary().startswith("6 unlabelled images, materialised (data.materialize=auto: 0.0 MB decoded "
+                                      "fits in 50% of the 0.27 GB object store")
+    large = open_pretrain_data(str(tmp_path), base_size=3000)
+    assert not large.materialized and "0.16 GB decoded exceeds 50% of the 0.27 GB object store" in large.reason
+    assert "streamed" in large.summary()
+    forced = open_pretrain_data(str(tmp_path), base_size=8, materialize="false")
+    assert not forced.materialized and _ids(np.stack(forced.dataset.to_pandas()["image"])) == list(range(6))
 
 
 def test_streaming_split_gives_two_consumers_disjoint_shards_covering_the_set(tmp_path: Path) -> None:

@@ -143,7 +143,7 @@ def test_generic_pairs_by_stem_in_both_layouts(tmp_path: Path, layout: str) -> N
     assert [(i.name, m.name) for i, m in ds.pairs] == [("a.png", "a.png"), ("b.jpg", "b.png")]
     assert ds.class_names == ["class_0", "class_1", "class_2"]
     assert _bands(ds.load(1)[1]) == [1, 255]
-    with pytest.raises(DataError, match="needs num_classes"):
+    with pytest.raises(DataError, match="needs its classes: set data.seg_num_classes or data.seg_class_names"):
         open_segmentation("generic", tmp_path, "val")
 
 
@@ -185,7 +185,7 @@ def test_missing_root_empty_split_unknown_format_and_unreadable_files(tmp_path: 
     (tmp_path / "ann_dir" / "val").mkdir(parents=True)
     with pytest.raises(DataError, match="loveda split 'val' under .* is empty"):
         open_segmentation("loveda", tmp_path, "val")
-    with pytest.raises(DataError, match="no .*/test/images nor .*/images/test folder"):
+    with pytest.raises(DataError, match=r"no .*/test/images nor .*/images/test folder .*\(splits found: none\)"):
         open_segmentation("generic", tmp_path, "test", num_classes=2)
     with pytest.raises(DataError, match="not a mosaic set"):
         open_segmentation("mosaic", tmp_path, "train")
