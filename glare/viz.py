@@ -317,10 +317,12 @@ def model_name(weights: str) -> str:
 
 def load_models(weights: Sequence[str], cfg: GlareConfig, device: str) -> list[tuple[str, nn.Module]]:
     """Build one AdaptedViT per weights argument; random inits are seeded with ``eval.seed``."""
-    from glare.weights.export import load_encoder
+    from glare.weights.export import arch_notice, load_encoder
 
     models = []
     for w in weights:
+        if notice := arch_notice(w, cfg.model):
+            print(notice, flush=True)
         torch.manual_seed(cfg.eval.seed)  # "none" (random init) draws from the global RNG
         models.append((model_name(w), load_encoder(w, cfg.model, device=device).eval()))
     return models
@@ -356,6 +358,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     size = args.size or cfg.eval.img_size
     if size < 8 or args.num_images < 1:
         raise ValueError(f"--size must be >= 8 and --num-images >= 1, got {size} and {args.num_images}")
+    weights = [args.weights] + ([args.compare] if args.compare else [])
+    models = load_models(weights, cfg, args.device)  # first: a bad weights file fails before any data is read
     # The labelled set is read only when a figure needs it (own images + attention/PCA do not).
     needs_data = not args.images or {"segmentation", "mosaic"} & set(args.figures)
     data = load_probe_data(cfg.data, cfg.eval) if needs_data else None
@@ -366,8 +370,6 @@ def run(args: argparse.Namespace) -> list[Path]:
         h, w = images.shape[-2:]
         if size != min(h, w):  # short side to --size, the frame's aspect kept (non-square sets)
             images = _resize_uint8(images, (round(h * size / min(h, w)), round(w * size / min(h, w))))
-    weights = [args.weights] + ([args.compare] if args.compare else [])
-    models = load_models(weights, cfg, args.device)
     out = Path(args.out)
     written = []
     if "attention" in args.figures:

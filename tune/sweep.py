@@ -35,6 +35,7 @@ if str(REPO) not in sys.path:  # `python tune/sweep.py` puts tune/, not the repo
 
 from glare.config import ConfigError, GlareConfig, from_dict, to_dict  # noqa: E402
 from glare.config import to_yaml as config_yaml  # noqa: E402
+from glare.preflight import check_model, check_storage, preflight  # noqa: E402
 from tune.space import (  # noqa: E402
     SweepConfig,
     SweepConfigError,
@@ -83,6 +84,7 @@ def train_trial(point: dict[str, Any], base: dict[str, Any], exp_dir: str) -> No
 
     try:
         cfg = trial_config(from_dict(base), point)
+        check_model(cfg)  # a point can break a model rule (regions vs heads): invalid, not an error to retry
     except ConfigError as err:
         # The trial ends without a result (Tune's strict metric check is off for this, see main): Optuna
         # records it as pruned, results.csv as INVALID with this message. Raising instead would retry, per
@@ -364,7 +366,6 @@ def load(args: argparse.Namespace) -> tuple[SweepConfig, GlareConfig]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from glare.data.segmentation import DataError
     from glare.eval.protocol import open_probe_sets
 
     args = parse_args(argv)
@@ -373,8 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         exp_dir = sweep_dir(sweep)
         check_resume(exp_dir, sweep, cfg)
         open_probe_sets(cfg.data, check_labels=True)  # a bad labelled set fails once, here, not in every trial
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        # The base config's model, weights and data, before Ray starts (each trial's run dir is its own).
+        check_storage(sweep.storage_path, "sweep.storage_path")
+        preflight(cfg, storage=False)
+    except (ValueError, OSError) as err:  # ConfigError, WeightsError, DataError
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     # An invalid point's trial ends with no result at all, which Tune's strict check would turn into a
     # crash of the whole sweep. A metric that no trial reports shows instead as "NO RESULT" rows.

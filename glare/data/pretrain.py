@@ -14,24 +14,22 @@ images raises :class:`DataError` before any training starts.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import logging
 import math
-import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import ray.data
 from PIL import Image, ImageOps
 
 from glare.data.segmentation import IMAGE_EXTENSIONS, DataError
+from glare.data.sources import check_parquet, local_files
 
 __all__ = ["DataError", "PretrainData", "build_pretrain_dataset", "decide_materialize", "decode_image",
            "open_pretrain_data", "shuffled_batches", "skipped_images"]
@@ -41,7 +39,6 @@ logger = logging.getLogger(__name__)
 SKIP_LOG_NAME = "glare_skipped_images"
 # Rows per block when the set is large; small sets get at least two blocks per CPU instead.
 _ROWS_PER_BLOCK = 64
-_GLOB_CHARS = "*?["
 _SKIP_LOG_HANDLES: list = []
 
 
@@ -89,6 +86,17 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     return np.asarray(ImageOps.fit(rgb, (size, size), method=Image.Resampling.BILINEAR))
 
 
+_ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def failure_reason(err: BaseException) -> str:
+    """``Type: message`` of a decode failure, without object reprs (``<_io.BytesIO object at 0x7f...>``).
+
+    The same file then gives the same reason on every run and every worker.
+    """
+    return f"{type(err).__name__}: {_ADDRESS.sub('', str(err))}"
+
+
 def _payload(batch: dict[str, np.ndarray], column: str | None, i: int, rows_are_files: bool) -> tuple[str, bytes]:
     """Name and encoded bytes of row ``i``: read from its path, or taken from ``column``.
 
@@ -117,7 +125,7 @@ def _decode_batch(
             name, data = _payload(batch, column, i, rows_are_files)
             images.append(decode_image(data, size))
         except Exception as err:  # any failure on one file (missing, truncated, not an image) skips just that file
-            reason = f"{type(err).__name__}: {err}"
+            reason = failure_reason(err)
             # Blocking: the record exists once the task is done. Warn once, not every epoch.
             if ray.get(skip_log.add.remote(source, name, reason)):
                 logger.warning("skipping image %s: %s", name, reason)
@@ -130,55 +138,6 @@ def _num_blocks(n: int) -> int:
     """Enough blocks to keep every CPU busy on a small set; ~64 rows per block on a large one."""
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return max(1, min(n, max(2 * cpus, math.ceil(n / _ROWS_PER_BLOCK))))
-
-
-def _local_files(source: str) -> list[Path]:
-    """The image files a local folder, glob, .txt list or single image names; DataError if none."""
-    path = Path(source).expanduser()
-    if any(ch in source for ch in _GLOB_CHARS):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if os.path.isfile(p))
-        if not files:
-            raise DataError(f"no files match the pre-training pattern {source!r}")
-        return files
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not files:
-            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under the pre-training folder {path}")
-        return files
-    if path.is_file() and path.suffix.lower() == ".txt":
-        lines = [ln.strip() for ln in path.read_text().splitlines()]
-        files = [path.parent / ln for ln in lines if ln and not ln.startswith("#")]  # absolute ln wins in `/`
-        if not files:
-            raise DataError(f"the pre-training list {path} names no images")
-        # Missing entries are skipped (and named) while decoding; a list of only missing ones is an error now.
-        if not any(f.is_file() for f in files):
-            raise DataError(f"none of the {len(files)} files listed in {path} exist (e.g. {files[0]})")
-        return files
-    if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-        return [path]
-    if not path.exists():
-        raise DataError(f"pre-training source not found: {source}")
-    raise DataError(f"unsupported pre-training source {source}: expected a folder, a glob, a .txt list, "
-                    "a .parquet file or a URI")
-
-
-def _check_parquet(path: Path, column: str) -> int:
-    """Row count of a local parquet file whose ``column`` holds encoded images."""
-    try:
-        schema = pq.read_schema(path)
-        rows = pq.read_metadata(path).num_rows
-    except (OSError, pa.ArrowException) as err:
-        raise DataError(f"cannot read parquet {path}: {err}") from None
-    if column not in schema.names:
-        raise DataError(f"parquet {path} has no column {column!r} (columns: {', '.join(schema.names)}); "
-                        "set data.image_column")
-    kind = schema.field(column).type
-    is_struct_with_bytes = pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
-    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or is_struct_with_bytes):
-        raise DataError(f"parquet {path} column {column!r} has type {kind}; expected encoded image bytes")
-    if rows == 0:
-        raise DataError(f"parquet {path} has no rows")
-    return rows
 
 
 def _read(source: str, image_column: str) -> tuple[ray.data.Dataset, str | None, bool, int | None]:
@@ -202,10 +161,10 @@ def _read(source: str, image_column: str) -> tuple[ray.data.Dataset, str | None,
     if path.suffix.lower() == ".parquet":
         if not path.is_file():
             raise DataError(f"pre-training source not found: {source}")
-        rows = _check_parquet(path, image_column)
+        rows = check_parquet(path, image_column)
         ds = ray.data.read_parquet(str(path), columns=[image_column], include_paths=True)
         return ds.repartition(_num_blocks(rows)), image_column, False, rows
-    files = _local_files(source)
+    files = local_files(source)
     items = [{"path": str(p)} for p in files]
     return ray.data.from_items(items, override_num_blocks=_num_blocks(len(items))), None, True, len(items)
 

@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from glare.data.sources import IMAGE_EXTENSIONS, DataError  # defined without torch, for the driver's preflight
+
 IGNORE_INDEX = 255
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
@@ -46,10 +47,6 @@ VOC_CLASSES = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
 LOVEDA_CLASSES = ("background", "building", "road", "water", "barren", "forest", "agricultural")
-
-
-class DataError(ValueError):
-    """Data that is missing, empty or malformed (the message names the file or folder)."""
 
 
 @dataclass

@@ -8,6 +8,8 @@ The model logs both entropies per term as fractions of ln K (``teacher_entropy_<
 
 from __future__ import annotations
 
+import math
+
 # Per-image entropy above this fraction of ln K: the targets are as good as uniform.
 UNIFORM = 0.95
 # Entropy of the batch-mean target below this fraction of ln K: every image picks the same prototypes.
@@ -33,3 +35,13 @@ def target_warnings(metrics: dict[str, float]) -> dict[str, str]:
                 "every image picks the same prototypes). Likely fix: a lower optim.lr, a higher "
                 "loss.teacher_temp, or a lower loss.center_momentum so the centre follows the teacher faster.")
     return found
+
+# An update that multiplies the trainable weights' norm by more than this has exploded: an AdamW step moves
+# each weight by about the lr, so a sane step changes the norm by a small fraction. Such weights are finite
+# but useless (1e13 after lr=1e38), and a checkpoint of them is nothing a resume could train from.
+EXPLODED = 2.0
+
+
+def exploded(norm_before: float, norm_after: float) -> bool:
+    """Whether one update took the trainable weights' norm from ``norm_before`` to a useless ``norm_after``."""
+    return not math.isfinite(norm_after) or norm_after > EXPLODED * max(norm_before, 1e-12)

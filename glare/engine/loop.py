@@ -22,7 +22,7 @@ import torch.distributed as dist
 from glare.config import GlareConfig, from_dict
 from glare.data.pretrain import shuffled_batches
 from glare.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from glare.engine.health import target_warnings
+from glare.engine.health import exploded, target_warnings
 from glare.engine.schedules import cosine, warmup_cosine
 from glare.models.glare import GlareModel, build_model
 
@@ -87,7 +87,9 @@ def train_step(model: GlareModel, runner: torch.nn.Module, optimizer: torch.opti
     """One step: forward/backward, clip, and (only if everything is finite) update and EMA.
 
     Gradients are all-reduced before the finiteness check, so every worker
-    takes the same decision and the replicas never diverge.
+    takes the same decision and the replicas never diverge. ``metrics`` gets the
+    trainable weights' norm before and after the update (``weight_norm_before``,
+    ``weight_norm``), which :func:`glare.engine.health.exploded` judges.
     """
     metrics = model.forward_backward(images, step, runner, amp=cfg.train.amp)
     params = model.trainable_parameters()
@@ -95,11 +97,19 @@ def train_step(model: GlareModel, runner: torch.nn.Module, optimizer: torch.opti
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     ok = math.isfinite(grad_norm) and math.isfinite(metrics["loss"])
     if ok:
+        metrics["weight_norm_before"] = _norm(params)
         optimizer.step()
+        metrics["weight_norm"] = _norm(params)
         metrics["momentum"] = model.update_teacher(step)
     optimizer.zero_grad(set_to_none=True)
     metrics["grad_norm"] = grad_norm
     return metrics, ok
+
+
+def _norm(params: list[torch.nn.Parameter]) -> float:
+    """The L2 norm of all ``params`` together (the same on every worker: the replicas are identical)."""
+    with torch.no_grad():
+        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params)))) if params else 0.0
 
 
 def model_state(model: GlareModel) -> dict[str, Any]:
@@ -151,17 +161,49 @@ def _mean_across_workers(values: dict[str, float], device: torch.device) -> dict
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
-class RunLog:
-    """metrics.jsonl + TensorBoard in the run directory, written by rank 0 only."""
+def truncate_log(path: Path, step: int) -> int:
+    """Keep the records of metrics.jsonl up to ``step`` (a resume's checkpoint), drop later ones and every
+    closing ``end`` record; returns how many records were dropped.
 
-    def __init__(self, run_dir: Path | None) -> None:
+    Everything logged at or before a checkpoint's step was written before that checkpoint, so the
+    resumed run, which redoes the steps after it, then logs each step exactly once.
+    """
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a killed writer
+            continue
+        if record.get("event") != "end" and record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+    return len(lines) - len(kept)
+
+
+class RunLog:
+    """metrics.jsonl + TensorBoard in the run directory, written by rank 0 only.
+
+    ``resume_step``: the step of the checkpoint this run resumes from (None: a fresh start). The
+    log is cut back to it (:func:`truncate_log`; a fresh start empties it) and TensorBoard purges
+    later events, so a resumed run's records hold each step once.
+    """
+
+    def __init__(self, run_dir: Path | None, resume_step: int | None = None) -> None:
         self.run_dir = run_dir
         self.tb = None
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            dropped = truncate_log(run_dir / "metrics.jsonl", resume_step if resume_step is not None else -1)
+            if dropped and resume_step is not None:
+                log.info("metrics.jsonl: dropped %d records after the checkpoint's step %d", dropped, resume_step)
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if self.run_dir is None:
@@ -245,7 +287,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("resumed from step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
 
     run_dir = Path(config["run_dir"]) if rank == 0 else None
-    runlog = RunLog(run_dir)
+    runlog = RunLog(run_dir, resume_step=state.step if checkpoint is not None else None)
+    # The step of the newest checkpoint a resume can train from (None: none written yet).
+    last_good: int | None = state.step if checkpoint is not None else None
     probe_data = None
     if rank == 0:
         from glare.eval.protocol import load_probe_data
@@ -261,6 +305,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "images_seen": state.images_seen, "nonfinite_steps": state.nonfinite_total}
 
     def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
+        nonlocal last_good
         payload = with_state(metrics)
         if with_checkpoint and not all(bool(torch.isfinite(p).all()) for p in model.trainable_parameters()):
             # An update that overflowed: keep the last good checkpoint rather than overwrite it.
@@ -269,6 +314,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if not with_checkpoint:
             ray.train.report(payload)
             return
+        last_good = state.step
         rngs = [None] * world
         if dist.is_available() and dist.is_initialized():
             dist.all_gather_object(rngs, rng_state())
@@ -295,6 +341,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Targets are judged once the teacher temperature and the lr have warmed up; each problem is told once.
     warmup_done, warned = max(cfg.loss.teacher_temp_warmup_steps, cfg.optim.warmup_steps), set()
     stop_reason = ""
+
+    def kept() -> str:
+        return (f"the last good checkpoint (step {last_good}) is intact" if last_good is not None
+                else "no checkpoint had been written yet, so there is none to resume from")
+
     while state.step < cfg.train.steps and not stop_reason:
         skip = state.batch_in_epoch
         got_batch = False
@@ -317,9 +368,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             state.step, state.nonfinite_run)
                 if state.nonfinite_run >= cfg.train.max_nonfinite:
                     stop_reason = (f"{state.nonfinite_run} consecutive non-finite steps at step {state.step}; "
-                                   "stopped with the last good checkpoint intact (lower optim.lr?)")
+                                   f"stopped, {kept()} (lower optim.lr?)")
                     break
                 continue
+            if exploded(metrics["weight_norm_before"], metrics["weight_norm"]):
+                # Finite but useless weights: stop before anything is trained on them or checkpointed.
+                stop_reason = (f"the update of step {state.step + 1} multiplied the trainable weights' norm by "
+                               f"{metrics['weight_norm'] / max(metrics['weight_norm_before'], 1e-12):.3g} (to "
+                               f"{metrics['weight_norm']:.3g}); stopped, {kept()} (lower optim.lr?)")
+                break
             state.step += 1
             state.images_seen += batch * world
             window_images += batch * world
@@ -327,7 +384,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 elapsed = time.perf_counter() - window_t
-                last = _mean_across_workers({k: v for k, v in metrics.items()}, device)
+                last = _mean_across_workers({k: v for k, v in metrics.items() if k != "weight_norm_before"}, device)
                 last.update(lr=optimizer.param_groups[0]["lr"], weight_decay=optimizer.param_groups[0]["weight_decay"],
                             images_per_s=window_images / max(elapsed, 1e-9))
                 window_t, window_images = time.perf_counter(), 0
@@ -363,6 +420,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                    "lower train.batch_size or add images")
 
     final: dict[str, Any] = dict(last)
+    if stop_reason:
+        state.miou_last = float("nan")  # nothing was evaluated after the stop: no after-value
     if rank == 0:
         if not stop_reason:
             state.miou_last = evaluate(model, cfg, device, probe_data)
@@ -373,11 +432,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             adapted = model.export("student")
             save_export(adapted, run_dir / "export" / "backbone.safetensors", cfg.model)
             save_export(adapted, run_dir / "export" / "backbone_mmseg.safetensors", cfg.model, layout="mmseg")
-        runlog.write(state.step, {"miou": state.miou_last})
+            runlog.write(state.step, {"miou": state.miou_last})
         final.update(trainable_params=sum(p.numel() for p in model.trainable_parameters()),
                      backbone_params=sum(p.numel() for p in model.backbone.parameters()),
                      train_seconds=state.train_seconds)
-    final.update(stop_reason=stop_reason, done=1)
+    # A finished run's closing report below writes the final checkpoint; a stopped run's writes none.
+    final.update(stop_reason=stop_reason, done=1, last_good_step=last_good if stop_reason else state.step)
     # Ray's Result keeps the metrics of the last *checkpoint*; a run stopped by non-finite
     # steps ends without one, so the closing record also goes to metrics.jsonl.
     runlog.end({**with_state(final), "worker_nodes": nodes})

@@ -70,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace) -> tuple[GlareConfig, nn.Module]:
     """The config (preset + overrides) and the encoder; random inits are seeded with ``eval.seed``."""
-    from glare.weights.export import load_encoder
+    from glare.weights.export import arch_notice, load_encoder
 
     cfg = load_config(None if args.config == "none" else args.config, args.overrides)
+    if notice := arch_notice(args.weights, cfg.model):
+        print(notice, flush=True)
     torch.manual_seed(cfg.eval.seed)  # weights "none" draws the random init from the global RNG
     return cfg, load_encoder(args.weights, cfg.model, device=args.device).eval()
 

@@ -17,16 +17,19 @@ from glare.weights.imgfocus import convert_imgfocus, imgfocus_onnx_path, imgfocu
 from glare.weights.loading import (
     RemappedCheckpoint,
     WeightsError,
+    check_fit,
     fit_pos_embed,
     load_backbone,
     load_state_file,
     load_strict,
+    read_backbone,
     remap_checkpoint,
 )
 
 __all__ = [
     "RemappedCheckpoint",
     "WeightsError",
+    "check_fit",
     "convert_imgfocus",
     "fit_pos_embed",
     "imgfocus_onnx_path",
@@ -34,5 +37,6 @@ __all__ = [
     "load_backbone",
     "load_state_file",
     "load_strict",
+    "read_backbone",
     "remap_checkpoint",
 ]

@@ -127,6 +127,29 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tor
     return model.to(device).eval()
 
 
+def export_model_config(weights: str | Path) -> ModelConfig | None:
+    """The ModelConfig of a GLARE export (read from its header only), or None for anything else."""
+    path = Path(str(weights))
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # not a readable safetensors file: not an export; load_encoder names the problem
+        return None
+    return model_config_from_meta(meta) if meta.get("format") == FORMAT else None
+
+
+def arch_notice(weights: str | Path, model_cfg: ModelConfig) -> str | None:
+    """One line saying that an export's own architecture is used, when it differs from ``model_cfg``'s."""
+    own = export_model_config(weights)
+    if own is None or (own.arch, dict(own.timm_kwargs)) == (model_cfg.arch, dict(model_cfg.timm_kwargs)):
+        return None
+    kwargs = f" {json.dumps(dict(own.timm_kwargs))}" if own.timm_kwargs else ""
+    return (f"[glare] note: {weights} is an export of {own.arch}{kwargs}; it is evaluated as that architecture, "
+            f"and the config's model.arch={model_cfg.arch} is not used")
+
+
 def load_encoder(weights: str | Path, model_cfg: ModelConfig | None = None, device: str | torch.device = "cpu"
                  ) -> torch.nn.Module:
     """An AdaptedViT from either one of our exports or an initialisation.
@@ -139,12 +162,8 @@ def load_encoder(weights: str | Path, model_cfg: ModelConfig | None = None, devi
     from glare.models.vit import AdaptedViT, create_backbone
     from glare.weights.loading import load_backbone
 
-    path = Path(str(weights))
-    if path.suffix == ".safetensors" and path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            ours = (f.metadata() or {}).get("format") == FORMAT
-        if ours:
-            return load_pretrained(path, device=device)
+    if export_model_config(weights) is not None:
+        return load_pretrained(weights, device=device)
     cfg = dataclasses.replace(model_cfg or ModelConfig(), weights=str(weights))
     vit = create_backbone(cfg)
     if cfg.weights != "none":

@@ -36,6 +36,7 @@ import argparse
 import math
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +48,7 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-
-class WeightsError(ValueError):
-    """A weights source is missing, unreadable, or does not fit the model."""
+from glare.weight_formats import WeightsError, sniff_weights_file
 
 
 @dataclass
@@ -91,37 +90,43 @@ def load_state_file(path: str | Path) -> dict[str, Any]:
     ``.safetensors`` through safetensors; ``.pth`` / ``.pt`` / ``.bin`` /
     ``.ckpt`` through ``torch.load(weights_only=True)``, which only rebuilds
     tensors and plain containers (plus ``argparse.Namespace``, the ``args``
-    entry of DINO/UDI training checkpoints). The result may be nested
+    entry of DINO/UDI training checkpoints). The file's first bytes are
+    checked first (safetensors header, zip archive or pickle), so a file of
+    another kind is named as such. The result may be nested
     (``{"teacher": {...}, "epoch": 3}``); :func:`remap_checkpoint` unwraps it.
 
     Raises:
         WeightsError: missing file, unknown suffix, unreadable data, or a
-            pickle that needs arbitrary Python objects.
+            pickle that needs arbitrary Python objects; the message names the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
+    kind = sniff_weights_file(path)
+    if kind == "safetensors":
         try:
             return load_file(path)
         except (SafetensorError, OSError) as err:
-            raise WeightsError(f"cannot read safetensors file {path}: {err}") from None
-    if suffix not in (".pth", ".pt", ".bin", ".ckpt"):
-        raise WeightsError(f"unknown weights file type {suffix!r} ({path}): expected .safetensors, .pth, .pt or .bin")
+            raise WeightsError(f"cannot read safetensors file {path}: {err}; re-download or re-export it") from None
+    zipped = kind == "zip"
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns about the pickle protocol of damaged files; the error below says what matters.
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            # mmap: the tensors are read when used, so checking a large file's keys and shapes is cheap.
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f" (it contains {found.group(1)})" if found else ""
+        if not found:  # a damaged pickle, not one that asks for Python objects
+            raise WeightsError(f"cannot read {path} as a torch checkpoint (damaged: {str(err).splitlines()[0]}); "
+                               "re-save or re-download it") from None
         raise WeightsError(
-            f"{path} needs arbitrary Python objects to unpickle{what}; GLARE only loads tensors and plain "
-            "containers because unpickling can run code. Re-save just the state dict "
+            f"{path} needs arbitrary Python objects to unpickle (it contains {found.group(1)}); GLARE only loads "
+            "tensors and plain containers because unpickling can run code. Re-save just the state dict "
             "(torch.save(model.state_dict(), ...)) or convert it to .safetensors."
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise WeightsError(f"cannot read {path} as a torch checkpoint: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # damaged data surfaces as KeyError, IndexError, RuntimeError ... from torch's reader
+        detail = str(err).splitlines()[0] if str(err) else ""
+        raise WeightsError(f"cannot read {path} as a torch checkpoint ({type(err).__name__}: {detail}); it is "
+                           "damaged or truncated: re-save or re-download it") from None
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
     return dict(obj)
@@ -284,9 +289,10 @@ def _listing(label: str, items: list[str], limit: int = 20) -> str:
     return f"{label} ({len(items)}): {', '.join(items[:limit])}{more}"
 
 
-def load_strict(vit: nn.Module, backbone: dict[str, Tensor], source: str = "checkpoint") -> None:
-    """Load ``backbone`` into ``vit``, raising if any key is missing, unexpected or mis-shaped.
+def check_fit(vit: nn.Module, backbone: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Raise WeightsError if any key of ``backbone`` is missing from, unexpected in or mis-shaped for ``vit``.
 
+    Reads only shapes, so ``vit`` may live on the meta device (the driver's preflight).
     The model's own adapter keys (``blocks.i.adapter.*``) are not required:
     adapters are loaded separately by the caller.
     """
@@ -301,6 +307,11 @@ def load_strict(vit: nn.Module, backbone: dict[str, Tensor], source: str = "chec
                 if items]
     if problems:
         raise WeightsError(f"{source} does not fit the model: " + "; ".join(problems))
+
+
+def load_strict(vit: nn.Module, backbone: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Load ``backbone`` into ``vit``, raising if any key is missing, unexpected or mis-shaped (:func:`check_fit`)."""
+    check_fit(vit, backbone, source)
     vit.load_state_dict(backbone, strict=False)  # strictness checked above, adapters aside
 
 
@@ -319,6 +330,39 @@ def _timm_hub_state(vit: nn.Module) -> dict[str, Tensor]:
         raise WeightsError(f"weights 'timm' could not fetch {name!r} from the hub ({type(err).__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else ''}); offline, use 'imgfocus' or a "
                            "local checkpoint file") from None
+
+
+def read_backbone(
+    vit: nn.Module,
+    source: str | Path,
+    img_size: int | None = None,
+    *,
+    branch: str = "teacher",
+    antialias: bool = False,
+) -> RemappedCheckpoint:
+    """Read, remap and fit a weights source to ``vit`` and check that it fits, without loading it.
+
+    Everything :func:`load_backbone` does short of copying the tensors, so ``vit`` may be
+    built on the meta device: the driver checks a weights source this way before any
+    worker starts. Arguments as :func:`load_backbone`.
+    """
+    name = str(source)
+    if name == "none":
+        return RemappedCheckpoint({})
+    if name == "imgfocus":
+        from glare.weights.imgfocus import imgfocus_weights  # imported here: imgfocus imports WeightsError from us
+
+        state: Mapping[str, Any] = load_state_file(imgfocus_weights())
+    elif name == "timm":
+        state = _timm_hub_state(vit)
+    elif Path(name).is_file():
+        state = load_state_file(name)
+    else:
+        raise WeightsError(f"weights source {name!r} is neither 'imgfocus', 'timm', 'none' nor an existing file")
+    remapped = remap_checkpoint(state, set(vit.state_dict()), branch=branch)
+    remapped.backbone = fit_pos_embed(remapped.backbone, vit, img_size=img_size, antialias=antialias)
+    check_fit(vit, remapped.backbone, source=f"weights {name!r}")
+    return remapped
 
 
 def load_backbone(
@@ -348,20 +392,7 @@ def load_backbone(
         WeightsError: unknown source, unreadable file, or any missing,
             unexpected or mis-shaped backbone key.
     """
-    name = str(source)
-    if name == "none":
-        return RemappedCheckpoint({})
-    if name == "imgfocus":
-        from glare.weights.imgfocus import imgfocus_weights  # imported here: imgfocus imports WeightsError from us
-
-        state: Mapping[str, Any] = load_state_file(imgfocus_weights())
-    elif name == "timm":
-        state = _timm_hub_state(vit)
-    elif Path(name).is_file():
-        state = load_state_file(name)
-    else:
-        raise WeightsError(f"weights source {name!r} is neither 'imgfocus', 'timm', 'none' nor an existing file")
-    remapped = remap_checkpoint(state, set(vit.state_dict()), branch=branch)
-    remapped.backbone = fit_pos_embed(remapped.backbone, vit, img_size=img_size, antialias=antialias)
-    load_strict(vit, remapped.backbone, source=f"weights {name!r}")
+    remapped = read_backbone(vit, source, img_size, branch=branch, antialias=antialias)
+    if remapped.backbone:
+        vit.load_state_dict(remapped.backbone, strict=False)  # check_fit checked every key, adapters aside
     return remapped

@@ -21,3 +21,11 @@ def test_uniform_and_collapsed_terms_are_named_with_their_fix():
     assert "model.head_init" in found["glob:uniform"] and "loss.teacher_temp" in found["glob:uniform"]
     assert "L_reg" in found["reg:collapsed"] and "0.03 ln K" in found["reg:collapsed"]
     assert "optim.lr" in found["reg:collapsed"]
+
+
+def test_an_update_that_multiplies_the_norm_has_exploded():
+    from glare.engine.health import EXPLODED, exploded
+
+    assert not exploded(10.0, 10.5) and not exploded(10.0, 9.0)  # an ordinary step
+    assert exploded(10.0, 10.0 * EXPLODED + 1e-3) and exploded(10.0, 1e13) and exploded(10.0, float("inf"))
+    assert exploded(10.0, float("nan"))

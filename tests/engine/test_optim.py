@@ -47,3 +47,18 @@ def test_zero_head_scale_freezes_the_heads(tiny_cfg):
     assert all(torch.allclose(before[k], after[k]) for k in before)  # student and teacher heads held
     ups = [a.up.weight for a in model.student["adapters"].values()]
     assert all(u.abs().sum() > 0 for u in ups)  # ... while the adapters trained
+
+
+def test_truncate_log_keeps_each_step_up_to_the_checkpoint_once(tmp_path):
+    import json
+
+    from glare.engine.loop import truncate_log
+
+    log = tmp_path / "metrics.jsonl"
+    records = [{"event": "head_bootstrap", "step": 0}, {"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9},
+               {"step": 2, "miou": 0.5}, {"step": 3, "loss": 0.8}, {"event": "end", "step": 3}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')  # a line cut by a kill
+    assert truncate_log(log, 2) == 3
+    assert [json.loads(line) for line in log.read_text().splitlines()] == records[:4]
+    assert truncate_log(log, -1) == 4 and log.read_text() == ""  # a fresh start under the same name
+    assert truncate_log(tmp_path / "absent.jsonl", 3) == 0

@@ -152,3 +152,13 @@ def test_mmseg_without_its_runner_is_a_clean_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "glare.eval.mmseg.runner", None)  # makes the import fail
     assert main(["mmseg", "--anything"]) == 2
     assert capsys.readouterr().err.startswith("error: mmseg evaluation is unavailable")
+
+
+def test_an_export_of_another_architecture_is_noted_once(tiny_export, mosaic_override, tmp_path, capsys):
+    _linear(tiny_export, tmp_path / "same.json", mosaic_override)
+    assert "note:" not in capsys.readouterr().out  # the export's arch is the config's: nothing to say
+    _linear(tiny_export, tmp_path / "other.json", mosaic_override, "model.arch=vit_base_patch16_224")
+    notes = [line for line in capsys.readouterr().out.splitlines() if "note:" in line]
+    assert len(notes) == 1
+    assert notes[0].startswith(f"[glare] note: {tiny_export} is an export of vit_tiny_patch16_224 ")
+    assert "model.arch=vit_base_patch16_224 is not used" in notes[0]

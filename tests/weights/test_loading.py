@@ -19,6 +19,7 @@ from glare.weights.loading import (
     load_backbone,
     load_state_file,
     load_strict,
+    read_backbone,
     remap_checkpoint,
 )
 
@@ -240,8 +241,31 @@ def test_bad_files_and_sources(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="holds a Tensor"):
         load_state_file(tmp_path / "t.pth")
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(WeightsError, match="cannot read safetensors"):
+    with pytest.raises(WeightsError, match="junk.safetensors is not a complete safetensors file"):
         load_state_file(tmp_path / "junk.safetensors")
+    # Files that are no checkpoint at all are named as such (they used to surface as KeyError / IndexError).
+    (tmp_path / "junk.pth").write_bytes(bytes(range(7, 256)) * 4)
+    with pytest.raises(WeightsError, match=r"junk.pth is not a torch checkpoint \(neither a zip archive nor a pickle"):
+        load_state_file(tmp_path / "junk.pth")
+    (tmp_path / "damaged.pth").write_bytes(b"\x80\x04" + b"garbage" * 20)
+    with pytest.raises(WeightsError, match="cannot read .*damaged.pth as a torch checkpoint"):
+        load_state_file(tmp_path / "damaged.pth")
+    good = tmp_path / "good.pth"
+    torch.save(tiny_vit(seed=1).state_dict(), good)
+    (tmp_path / "cut.pth").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(WeightsError, match="cut.pth"):
+        load_state_file(tmp_path / "cut.pth")
+
+
+def test_read_backbone_checks_the_fit_on_the_meta_device(tmp_path: Path) -> None:
+    """What the driver's preflight does: shapes only, no memory for the model, nothing loaded."""
+    torch.save(tiny_vit(seed=1).state_dict(), tmp_path / "s.pth")
+    with torch.device("meta"):
+        good, other = tiny_vit(), tiny_vit(mlp_ratio=2.0)
+    assert read_backbone(good, tmp_path / "s.pth").backbone  # fits
+    assert good.blocks[0].mlp.fc1.weight.is_meta  # and nothing was loaded
+    with pytest.raises(WeightsError, match=r"shape mismatches.*blocks\.0\.mlp\.fc1\.weight"):
+        read_backbone(other, tmp_path / "s.pth")
     with pytest.raises(WeightsError, match="no ViT backbone"):
         remap_checkpoint({"conv1.weight": torch.zeros(1)})
 
