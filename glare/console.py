@@ -56,6 +56,8 @@ def quiet_ray_data(verbose: bool) -> None:
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # ... and its notice that they are off (we turned them off).
+    logging.getLogger("ray.data._internal.progress").addFilter(_DropMessages("Progress bars disabled"))
 
 
 def _pct(value: Any) -> str:
@@ -118,7 +120,7 @@ class RunProgress:
                 return
 
     def _print(self, line: str) -> None:
-        if self.tty and self.bar is not None:
+        if self.tty and self.bar is not None:  # above the bar, which stays the last line
             self.bar.write(line, file=self.stream)
         else:
             print(line, file=self.stream, flush=True)
@@ -145,15 +147,15 @@ class RunProgress:
                                                        "[{elapsed}<{remaining}] {postfix}")
         # Not a terminal: the same meter, printed as a plain line every few records.
         return tqdm(total=self.total, initial=step, desc="[glare] step", file=open(os.devnull, "w"),  # noqa: SIM115
-                    bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
+                    bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
 
     def show(self, rec: dict[str, Any]) -> None:
         """Show one metrics.jsonl record: a step moves the bar, events print one line."""
         event = rec.get("event")
+        if self.bar is None and (event in ("probe", "head_bootstrap") or "loss" in rec):
+            self.bar = self._make_bar(self.start)  # its clock starts with training, for the rate and the ETA
         if event is None and "loss" in rec:
             step = int(rec["step"])
-            if self.bar is None:
-                self.bar = self._make_bar(self.start)
             self.bar.update(step - self.bar.n)
             entropy = " ".join(f"{k} {rec[f'teacher_entropy_{k}']:.2f}" for k in TERMS
                                if f"teacher_entropy_{k}" in rec)

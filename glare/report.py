@@ -82,6 +82,11 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def _flat_config(cfg: GlareConfig) -> dict[str, Any]:
+    """``{"section.key": value}``, values as JSON has them (tuples and lists alike)."""
+    return _flat(json.loads(json.dumps(to_dict(cfg))))
+
+
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict):
         return {k: v for key, sub in data.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
@@ -93,11 +98,11 @@ def config_diff(cfg: GlareConfig) -> tuple[str, list[tuple[str, Any, Any]]]:
 
     Returns ``(name, [(key, preset value, run value), ...])``.
     """
-    run = _flat(to_dict(cfg))
-    bases: list[tuple[str, dict[str, Any]]] = [("built-in defaults", _flat(to_dict(GlareConfig())))]
+    run = _flat_config(cfg)
+    bases: list[tuple[str, dict[str, Any]]] = [("built-in defaults", _flat_config(GlareConfig()))]
     for preset in sorted(CONFIG_DIR.glob("*.yaml")):
         try:
-            bases.append((f"preset `{preset.stem}`", _flat(to_dict(load_config(preset)))))
+            bases.append((f"preset `{preset.stem}`", _flat_config(load_config(preset))))
         except ConfigError:
             continue
     diffs = [(name, [(k, base.get(k), v) for k, v in run.items() if base.get(k) != v]) for name, base in bases]
@@ -110,6 +115,7 @@ def config_diff(cfg: GlareConfig) -> tuple[str, list[tuple[str, Any, Any]]]:
 def curves_figure(records: RunRecords, path: Path) -> Path | None:
     """Loss terms, teacher entropy per term, learning rate and mIoU against the step, as one 2x2 PNG."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     if not records.train and not records.evals:
         return None
@@ -149,6 +155,7 @@ def curves_figure(records: RunRecords, path: Path) -> Path | None:
             ax.legend(fontsize=8)
     for ax in (ax_loss, ax_ent, ax_lr, ax_miou):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", metadata={"Software": None})
     return path
@@ -266,7 +273,7 @@ def _what_ran(cfg: GlareConfig, summary: dict[str, Any], records: RunRecords) ->
     lines += ["", f"Config: {base}" + (" with these changes:" if diff else ", unchanged."), ""]
     if diff:
         lines += _table(("key", base.removeprefix("preset ").replace("built-in defaults", "default"), "this run"),
-                        [(f"`{k}`", f"`{b}`", f"`{v}`") for k, b, v in diff], "lll")
+                        [(f"`{k}`", f"`{json.dumps(b)}`", f"`{json.dumps(v)}`") for k, b, v in diff], "lll")
     return lines + [""]
 
 

@@ -108,7 +108,7 @@ def end_record(run_dir: Path, skip: int = 0) -> dict[str, Any] | None:
 
 def data_summary(cfg: GlareConfig, dataset: Any) -> tuple[int | None, str]:
     """The unlabelled image count (None where counting would read a streamed set) and a one-line description."""
-    from ray.data import MaterializedDataset
+    from ray.data.dataset import MaterializedDataset
 
     count = dataset.count() if isinstance(dataset, MaterializedDataset) else None
     size = f"{count} unlabelled images" if count is not None else "unlabelled images streamed"
