@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -32,7 +33,10 @@ from glare.config import CONFIG_DIR, ConfigError, GlareConfig, load_config, to_d
 
 TERMS = ("glob", "reg", "loc1", "loc2")
 PICTURES = ("attention", "pca", "segmentation")
-PROBE_TRAIN_LIMIT = 64  # labelled train images the pictures' probe is fitted on (the numbers use all)
+# The pictures' cost stays small next to a run's: a probe fitted on few, small images for a few steps.
+PICTURE_SIZE = 112  # pixels at most (the run's eval.img_size if smaller)
+PROBE_TRAIN_LIMIT = 32  # labelled train images the pictures' probe is fitted on (the numbers use all)
+PROBE_STEPS = 100  # at most
 
 
 class ReportError(ValueError):
@@ -183,20 +187,26 @@ def before_after_models(run_dir: Path, cfg: GlareConfig, device: str) -> list[tu
 
 def picture_figures(run_dir: Path, cfg: GlareConfig, out: Path, num_images: int = 3, device: str = "cpu"
                     ) -> list[Path]:
-    """Attention, PCA and probe-prediction PNGs of the first ``num_images`` val images, before and after."""
+    """Attention, PCA and probe-prediction PNGs of the first ``num_images`` val images, before and after.
+
+    At most :data:`PICTURE_SIZE` pixels, with a probe of at most :data:`PROBE_STEPS` steps on
+    :data:`PROBE_TRAIN_LIMIT` images: seconds, where the scored probe takes minutes on a CPU.
+    """
     import torch
 
     from glare.eval.protocol import load_probe_data
     from glare.viz import attention_figure, pca_figure, segmentation_figure
 
-    data = load_probe_data(cfg.data, cfg.eval, limit=PROBE_TRAIN_LIMIT)
+    ev = dataclasses.replace(cfg.eval, img_size=min(cfg.eval.img_size, PICTURE_SIZE),
+                             probe_steps=min(cfg.eval.probe_steps, PROBE_STEPS))
+    data = load_probe_data(cfg.data, ev, limit=PROBE_TRAIN_LIMIT)
     images, labels = data.val[0][:num_images], data.val[1][:num_images]
     models = before_after_models(run_dir, cfg, device)
     with torch.no_grad():
         written = [attention_figure(models, images, out / "attention.png", cfg.model.global_token),
                    pca_figure(models, images, out / "pca.png")]
     written.append(segmentation_figure(models, images, labels, data.train, data.num_classes, data.class_names,
-                                       cfg.eval, out / "segmentation.png"))
+                                       ev, out / "segmentation.png"))
     return written
 
 
@@ -335,8 +345,9 @@ def write_report(run_dir: str | Path, pictures: bool = True, num_images: int = 3
                   "Last-block attention of the global token, per head:", "", "![attention](attention.png)", "",
                   "First three principal components of the patch features as RGB (fitted per model over the shown "
                   "images):", "", "![pca](pca.png)", "",
-                  f"Linear-probe predictions next to the ground truth (the probe fitted on the first "
-                  f"{PROBE_TRAIN_LIMIT} labelled train images, so not the scored probe):", "",
+                  f"Linear-probe predictions next to the ground truth (for speed, a probe fitted on the first "
+                  f"{PROBE_TRAIN_LIMIT} labelled train images at up to {PICTURE_SIZE} px for up to {PROBE_STEPS} "
+                  "steps, not the scored one):", "",
                   "![segmentation](segmentation.png)", ""]
     lines += ["## Files", "", "- `config.yaml`: the resolved config (`python -m glare.train --config` reruns it)",
               "- `metrics.jsonl`, `tensorboard/`: every logged step", "- `summary.json`: the numbers above",
