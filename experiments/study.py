@@ -459,7 +459,7 @@ def trained_row(cfg: GlareConfig, variant: str, seed: int, ctx: StudyContext) ->
     summary = finished_summary(run_dir)
     if summary is None:
         print(f"[study] {variant} seed {seed}: training ({run_dir})", flush=True)
-        summary = run(cfg)
+        summary = run(cfg, report=False)  # the study needs the numbers; `python -m glare.report` draws any run
     start = time.time()
     scores: dict[str, float | None] = {"natural_miou": None, "drift_photos": None, "drift_natural": None}
     if not summary["stop_reason"]:

@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="config keys (defaults before any preset):\n" + "\n".join(_config_keys(GlareConfig())),
     )
     parser.add_argument("--config", help=f"YAML preset (a path or a name in configs/; default: {DEFAULT_PRESET})")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's full output (workers' lines, Ray Data progress, INFO logs)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dot-overrides, e.g. train.steps=100")
     return parser.parse_args(argv)
 
@@ -58,25 +60,31 @@ def imgfocus_available() -> bool:
     return True
 
 
-def init_ray(cfg: GlareConfig) -> None:
-    """Join ``ray.address`` / the cluster this job runs in, or start a local instance."""
+def init_ray(cfg: GlareConfig, verbose: bool = False) -> None:
+    """Join ``ray.address`` / the cluster this job runs in, or start a local instance.
+
+    Unless ``verbose``, the workers' output is not forwarded and Ray logs warnings only
+    (:mod:`glare.console` shows the run's progress from its metrics.jsonl instead).
+    """
     import ray
+
+    from glare.console import quiet_ray_data, ray_init_kwargs
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    kwargs = ray_init_kwargs(verbose)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     # The job's runtime env reaches Ray Train's controller actor wherever it runs.
     env = {START_TIMEOUT_ENV: str(cfg.ray.capacity_wait_s)} if cfg.ray.capacity_wait_s else {}
     runtime_env = {"env_vars": env} if env else None
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
-        return
-    # Locally, Ray Data's decode stage and the train workers share the CPUs; give the
-    # workers what they ask for plus one CPU for data so neither starves the other.
-    cpus = max(os.cpu_count() or 1, int(cfg.ray.num_workers * cfg.ray.cpus_per_worker + 0.999) + 1)
-    ray.init(num_cpus=cpus, log_to_driver=True, runtime_env=runtime_env)
+        ray.init(address=address, runtime_env=runtime_env, **kwargs)
+    else:
+        # Locally, Ray Data's decode stage and the train workers share the CPUs; give the
+        # workers what they ask for plus one CPU for data so neither starves the other.
+        cpus = max(os.cpu_count() or 1, int(cfg.ray.num_workers * cfg.ray.cpus_per_worker + 0.999) + 1)
+        ray.init(num_cpus=cpus, runtime_env=runtime_env, **kwargs)
+    quiet_ray_data(verbose)
 
 
 def pretrain_data(cfg: GlareConfig):
@@ -131,15 +139,36 @@ def end_record(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(ends[-1]) if ends else None
 
 
-def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+def probe_records(run_dir: Path, skip: int = 0) -> list[dict[str, Any]]:
+    """The ``"probe"`` events (mIoU and per-class IoU of each evaluation) of metrics.jsonl, all of a resumed run."""
+    return [json.loads(line) for line in _log_lines(run_dir)[skip:] if '"event": "probe"' in line]
+
+
+def write_run_report(run_dir: Path) -> Path | None:
+    """:func:`glare.report.write_report`; a failure is a warning, never the end of the run."""
+    from glare.report import write_report
+
+    try:
+        return write_report(run_dir)
+    except Exception as err:  # the run's results are on disk already; the report can be rebuilt later
+        print(f"[glare] warning: the run report failed ({type(err).__name__}: {err}); "
+              f"rebuild it with `python -m glare.report {run_dir}`", file=sys.stderr, flush=True)
+        return None
+
+
+def run(cfg: GlareConfig, callbacks: Sequence[Any] = (), verbose: bool = False, report: bool = True
+        ) -> dict[str, Any]:
     """Train with Ray Train's TorchTrainer and write the run directory; returns ``summary.json``'s content.
 
     ``callbacks`` go to the trainer's RunConfig (a Tune trial passes Ray's
-    ``TuneReportCallback`` so every report reaches the sweep).
+    ``TuneReportCallback`` so every report reaches the sweep). Unless ``verbose``, the
+    progress is shown from metrics.jsonl (:mod:`glare.console`); with ``report`` the run
+    ends by writing ``report.md`` (:mod:`glare.report`).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from glare.console import RunProgress
     from glare.engine.loop import train_loop_per_worker
     from glare.eval.protocol import open_probe_sets
 
@@ -153,7 +182,7 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         storage = str(Path(storage).expanduser().resolve())
     run_dir = Path(storage) / name
 
-    init_ray(cfg)
+    init_ray(cfg, verbose)
     data = pretrain_data(cfg)
     d = cfg.data
     print(f"[glare] data: {data.summary()}; probe set: {d.seg_format}, {probe_eval.num_classes} classes, "
@@ -182,7 +211,11 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         datasets={"train": data.dataset},
     )
     try:
-        result = trainer.fit()
+        if verbose:  # the workers' own lines reach the console
+            result = trainer.fit()
+        else:
+            with RunProgress(run_dir / "metrics.jsonl", cfg.train.steps, cfg.train.log_every):
+                result = trainer.fit()
     except ray.train.ControllerError as err:
         if not (cfg.ray.capacity_wait_s and no_capacity(err)):
             raise
@@ -194,11 +227,14 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
                    "stop_reason": reason, "checkpoint": str(last) if last else None, "export": None,
                    "wall_s": time.time() - start}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary["report"] = str(write_run_report(run_dir)) if report else None
         return summary
     metrics = end_record(run_dir) or dict(result.metrics or {})
     from glare.data.pretrain import skipped_images
 
     skipped = skipped_images()
+    probes = probe_records(run_dir)
+    first, last = (probes[0], probes[-1]) if probes and probes[0]["step"] == 0 and len(probes) > 1 else ({}, {})
     wall = time.time() - start
     stopped = metrics.get("stop_reason") or ""
     export = run_dir / "export" / "backbone.safetensors"
@@ -226,8 +262,13 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         "export": str(export) if not stopped and export.is_file() else None,
         "wall_s": wall,
         "train_s": metrics.get("train_seconds"),
+        "labelled_images": (probes[0] if probes else {}).get("labelled_images"),
+        "class_names": first.get("class_names"),
+        "per_class_iou_before": first.get("per_class_iou"),
+        "per_class_iou_after": last.get("per_class_iou"),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["report"] = str(write_run_report(run_dir)) if report else None
     return summary
 
 
@@ -255,14 +296,17 @@ def main(argv: list[str] | None = None) -> int:
     from glare.data.segmentation import DataError
 
     try:
-        summary = run(cfg)
+        summary = run(cfg, verbose=args.verbose)
     except DataError as err:  # an unreadable or mislabelled probe set: one line
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     before, after = summary["miou_before"], summary["miou_after"]
+    if summary["report"]:
+        print(f"[glare] report: {summary['report']}", flush=True)
     if summary["stop_reason"]:
         print(f"error: training stopped: {summary['stop_reason']}", file=sys.stderr)
         return 1
+    print(f"[glare] export: {summary['export']} (+ backbone_mmseg.safetensors)", flush=True)
     print(f"[glare] done in {summary['wall_s']:.0f} s: mIoU {100 * before:.2f} -> {100 * after:.2f} "
           f"({summary['steps']} steps); summary: {summary['run_dir']}/summary.json", flush=True)
     return 0

@@ -95,7 +95,7 @@ def train_trial(point: dict[str, Any], base: dict[str, Any], exp_dir: str) -> No
     cfg.train.storage_path = str(Path(exp_dir) / (TRIAL_PREFIX + trial_id))
     cfg.train.run_name = RUN_NAME
     # A restarted trial finds its run here and resumes from its last checkpoint.
-    summary = run(cfg, callbacks=[TuneReportCallback()])
+    summary = run(cfg, callbacks=[TuneReportCallback()], report=False)  # the sweep reports its best trial
     if summary["stop_reason"]:
         raise TrainingStopped(summary["stop_reason"])
 
@@ -112,17 +112,19 @@ def trial_cpus(sweep: SweepConfig, cfg: GlareConfig) -> float:
     return r.trial_cpus + r.data_cpus + cfg.ray.num_workers * cfg.ray.cpus_per_worker
 
 
-def connect(sweep: SweepConfig, cfg: GlareConfig) -> dict[str, float]:
-    """Join the cluster (``ray.address``, a Ray job's own) or start a local one; returns its resources."""
+def connect(sweep: SweepConfig, cfg: GlareConfig, verbose: bool = False) -> dict[str, float]:
+    """Join the cluster (``ray.address``, a Ray job's own) or start a local one; returns its resources.
+
+    Unless ``verbose``, the trials' output stays in their logs (see :mod:`glare.console`).
+    """
     import ray
 
+    from glare.console import quiet_ray_data, ray_init_kwargs
     from glare.train import init_ray
 
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        init_ray(cfg)  # a job's workers run in its working directory, which holds tune/
+        init_ray(cfg, verbose)  # a job's workers run in its working directory, which holds tune/
     else:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         port = _free_port()
         env = {
             # Trial actors unpickle functions of tune.space.
@@ -133,7 +135,8 @@ def connect(sweep: SweepConfig, cfg: GlareConfig) -> dict[str, float]:
             "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
         }
         cpus = max(os.cpu_count() or 1, math.ceil(trial_cpus(sweep, cfg)))
-        ray.init(num_cpus=cpus, dashboard_port=port, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(num_cpus=cpus, dashboard_port=port, runtime_env={"env_vars": env}, **ray_init_kwargs(verbose))
+        quiet_ray_data(verbose)
     return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
@@ -212,7 +215,39 @@ def save_settings(exp_dir: Path, sweep: SweepConfig, cfg: GlareConfig) -> None:
     (exp_dir / "base_config.yaml").write_text(config_yaml(cfg))
 
 
-def build_tuner(sweep: SweepConfig, cfg: GlareConfig, exp_dir: Path, resources: dict[str, float]):
+def trial_progress(sweep: SweepConfig):
+    """A Tune callback printing one line per finished trial: its metric and the best so far."""
+    from ray.tune import Callback
+
+    better = (lambda a, b: a > b) if sweep.mode == "max" else (lambda a, b: a < b)
+
+    class TrialLines(Callback):
+        def __init__(self) -> None:
+            self.done, self.best = 0, None  # best: (value, trial id)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.done += 1
+            result = trial.last_result or {}
+            value, step = result.get(sweep.metric), result.get("step")
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                print(f"[sweep] trial {trial.trial_id} ({self.done}/{sweep.num_samples}) ended without "
+                      f"a {sweep.metric}", flush=True)
+                return
+            if self.best is None or better(value, self.best[0]):
+                self.best = (value, trial.trial_id)
+            print(f"[sweep] trial {trial.trial_id} ({self.done}/{sweep.num_samples}): {sweep.metric}={value:.4f} "
+                  f"at step {step}; best so far {self.best[0]:.4f} (trial {self.best[1]})", flush=True)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.done += 1
+            print(f"error: trial {trial.trial_id} ({self.done}/{sweep.num_samples}) failed; its log: "
+                  f"{trial.local_path or trial.path}", file=sys.stderr, flush=True)
+
+    return TrialLines()
+
+
+def build_tuner(sweep: SweepConfig, cfg: GlareConfig, exp_dir: Path, resources: dict[str, float],
+                verbose: bool = False):
     """A new Tuner, or the interrupted one restored from ``exp_dir`` (finished trials are kept, not rerun)."""
     from ray import tune
 
@@ -234,7 +269,8 @@ def build_tuner(sweep: SweepConfig, cfg: GlareConfig, exp_dir: Path, resources: 
         ),
         run_config=tune.RunConfig(
             name=sweep.name, storage_path=str(exp_dir.parent),
-            failure_config=tune.FailureConfig(max_failures=sweep.max_failures), verbose=1,
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures), verbose=1 if verbose else 0,
+            callbacks=[trial_progress(sweep)],
         ),
     )
 
@@ -351,6 +387,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", help="the trials' base GlareConfig preset (default: the sweep's base_config)")
     parser.add_argument("--sweep", default="default",
                         help="sweep preset: a path or a name in configs/sweeps/ (default: default; tiny: smoke run)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's and Tune's full output (the trials' lines, Tune's status tables)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="base-config overrides (train.steps=100) and sweep settings (sweep.num_samples=8)")
     return parser.parse_args(argv)
@@ -383,8 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     # An invalid point's trial ends with no result at all, which Tune's strict check would turn into a
     # crash of the whole sweep. A metric that no trial reports shows instead as "NO RESULT" rows.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    resources = connect(sweep, cfg)
-    results = build_tuner(sweep, cfg, exp_dir, resources).fit()
+    resources = connect(sweep, cfg, args.verbose)
+    results = build_tuner(sweep, cfg, exp_dir, resources, args.verbose).fit()
     summary = write_outputs(results, sweep, cfg, exp_dir)
     print(f"[sweep] trials: {summary['status']}; results: {exp_dir / 'results.csv'}", flush=True)
     if summary["best"] is None:
@@ -392,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"[sweep] best: trial {summary['best']['trial_id']} {sweep.metric}={summary['best'][sweep.metric]:.4f}; "
           f"reproduce with: python -m glare.train --config {summary['best_config']}", flush=True)
+    from glare.train import write_run_report
+
+    best_run = exp_dir / (TRIAL_PREFIX + summary["best"]["trial_id"]) / RUN_NAME
+    if best_run.is_dir() and (report := write_run_report(best_run)):
+        print(f"[sweep] best trial's report: {report}", flush=True)
     return 0
 
 

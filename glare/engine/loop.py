@@ -24,6 +24,7 @@ from glare.data.pretrain import shuffled_batches
 from glare.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from glare.engine.health import exploded, target_warnings
 from glare.engine.schedules import cosine, warmup_cosine
+from glare.eval.linear_probe import ProbeResult
 from glare.models.glare import GlareModel, build_model
 
 log = logging.getLogger("glare.train")
@@ -221,6 +222,17 @@ class RunLog:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"event": name, **fields}) + "\n")
 
+    def probe(self, step: int, result: ProbeResult, data: Any) -> None:
+        """A ``"probe"`` event: the evaluation's mIoU and per-class IoU (what the run report tabulates)."""
+        per_class = [None if math.isnan(v) else v for v in result.per_class_iou]
+        self.event("probe", step=step, miou=result.miou, per_class_iou=per_class, class_names=result.class_names,
+                   labelled_images={"train": len(data.train[0]), "val": len(data.val[0]),
+                                    "classes": data.num_classes})
+
+    def warning(self, step: int, message: str) -> None:
+        """A ``"warning"`` event, which the driver shows even when worker output is not forwarded."""
+        self.event("warning", step=step, message=message)
+
     def end(self, record: dict[str, Any]) -> None:
         """The run's closing record (``"event": "end"``), which the driver's summary reads."""
         if self.run_dir is not None:
@@ -232,8 +244,8 @@ class RunLog:
             self.tb.close()
 
 
-def evaluate(model: GlareModel, cfg: GlareConfig, device: torch.device, data: Any) -> float:
-    """The linear-probe mIoU of the student's features (rank 0)."""
+def evaluate(model: GlareModel, cfg: GlareConfig, device: torch.device, data: Any) -> ProbeResult:
+    """The linear probe of the student's features (rank 0): mIoU and per-class IoU."""
     from glare.eval.protocol import run_probe
 
     fn = lambda x: model.dense_features(x, cfg.eval.last_blocks)  # noqa: E731
@@ -243,7 +255,7 @@ def evaluate(model: GlareModel, cfg: GlareConfig, device: torch.device, data: An
         result = run_probe(fn, data, cfg.eval, device)  # extracts features under no_grad itself
     finally:
         model.train(was_training)
-    return float(result.miou)
+    return result
 
 
 def worker_nodes(world: int) -> list[str]:
@@ -296,8 +308,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         probe_data = load_probe_data(cfg.data, cfg.eval, multiple=model.patch_size)
         if math.isnan(state.miou_before):
-            state.miou_before = evaluate(model, cfg, device, probe_data)
-            state.miou_last = state.miou_before
+            result = evaluate(model, cfg, device, probe_data)
+            runlog.probe(0, result, probe_data)
+            state.miou_before = state.miou_last = result.miou
             print(f"[glare] mIoU before: {100 * state.miou_before:.2f}", flush=True)
 
     def with_state(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -366,6 +379,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state.nonfinite_run += 1
                 log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
                             state.step, state.nonfinite_run)
+                runlog.warning(state.step, f"step {state.step}: non-finite loss or gradient, step skipped "
+                                           f"({state.nonfinite_run} in a row)")
                 if state.nonfinite_run >= cfg.train.max_nonfinite:
                     stop_reason = (f"{state.nonfinite_run} consecutive non-finite steps at step {state.step}; "
                                    f"stopped, {kept()} (lower optim.lr?)")
@@ -401,10 +416,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             if key not in warned:
                                 warned.add(key)
                                 print(f"[glare] warning: step {step}: {message}", file=sys.stderr, flush=True)
+                                runlog.warning(step, f"step {step}: {message}")
             evaluate_now = cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps
             if evaluate_now and rank == 0:
-                state.miou_last = evaluate(model, cfg, device, probe_data)
+                result = evaluate(model, cfg, device, probe_data)
+                state.miou_last = result.miou
                 runlog.write(step, {"miou": state.miou_last})
+                runlog.probe(step, result, probe_data)
                 print(f"[glare] step {step} mIoU: {100 * state.miou_last:.2f}", flush=True)
             if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
                 report(last, with_checkpoint=True)
@@ -424,7 +442,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.miou_last = float("nan")  # nothing was evaluated after the stop: no after-value
     if rank == 0:
         if not stop_reason:
-            state.miou_last = evaluate(model, cfg, device, probe_data)
+            result = evaluate(model, cfg, device, probe_data)
+            state.miou_last = result.miou
             print(f"[glare] mIoU after: {100 * state.miou_last:.2f} (before {100 * state.miou_before:.2f})",
                   flush=True)
             from glare.weights.export import save_export
@@ -433,6 +452,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             save_export(adapted, run_dir / "export" / "backbone.safetensors", cfg.model)
             save_export(adapted, run_dir / "export" / "backbone_mmseg.safetensors", cfg.model, layout="mmseg")
             runlog.write(state.step, {"miou": state.miou_last})
+            runlog.probe(state.step, result, probe_data)
         final.update(trainable_params=sum(p.numel() for p in model.trainable_parameters()),
                      backbone_params=sum(p.numel() for p in model.backbone.parameters()),
                      train_seconds=state.train_seconds)

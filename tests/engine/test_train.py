@@ -49,14 +49,29 @@ def _logged_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in records if "loss" in r and r.get("event") != "end"]
 
 
-def test_two_workers_end_to_end(ray_local, tmp_path):
+def test_two_workers_end_to_end(ray_local, tmp_path, capsys):
     from glare.train import run
 
     cfg = _cfg(tmp_path, "ray.num_workers=2", "train.run_name=e2e")
     summary = run(cfg)
     run_dir = tmp_path / "e2e"
     saved = json.loads((run_dir / "summary.json").read_text())
-    assert saved == json.loads(json.dumps(summary))
+    assert saved == json.loads(json.dumps({k: v for k, v in summary.items() if k != "report"}))
+    # The report, its curves and its before/after pictures; per-class IoU of both evaluations in the summary.
+    assert summary["report"] == str(run_dir / "report.md")
+    assert all((run_dir / f"{name}.png").stat().st_size > 0 for name in ("curves", "attention", "pca", "segmentation"))
+    assert len(summary["per_class_iou_before"]) == len(summary["per_class_iou_after"]) == len(summary["class_names"])
+    assert f"**{100 * summary['miou_before']:.2f} → {100 * summary['miou_after']:.2f}**" in \
+        (run_dir / "report.md").read_text()
+    assert summary["pretrain_images"] == 24 and summary["labelled_images"] == {"train": 16, "val": 8, "classes": 10}
+    # The console: the run directory, one data line, the evaluations and one line per logged step, nothing else.
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[glare] data: 24 unlabelled images, materialised (data.materialize=auto")
+    assert lines[0].endswith("; probe set: mosaic, 10 classes, 16 train / 8 val images")
+    assert lines[1:3] == [f"[glare] run directory: {run_dir}",
+                          f"[glare] mIoU before: {100 * summary['miou_before']:.2f}"]
+    assert [line.split()[2] for line in lines if line.startswith("[glare] step ")] == ["2/6", "4/6", "6/6"]
+    assert lines[-1] == f"[glare] mIoU after: {100 * summary['miou_after']:.2f}" and len(lines) == 8
     assert summary["steps"] == 6 and summary["images_seen"] == 6 * 4 * 2
     assert 0.0 <= summary["miou_before"] <= 1.0 and 0.0 <= summary["miou_after"] <= 1.0
     assert summary["skipped_images"] == 0 and summary["nonfinite_steps"] == 0 and summary["stop_reason"] == ""

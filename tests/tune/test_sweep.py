@@ -273,6 +273,13 @@ def test_sweep_records_an_invalid_point_and_finishes(tmp_path):
     summary = json.loads((exp / "summary.json").read_text())
     assert summary["best"]["trial_id"] == base["trial_id"] and summary["status"] == {"COMPLETED": 1, "INVALID": 1}
     assert load_config(exp / "best_config.yaml").loss.reg == 0.0
+    # The console: one line per finished trial with the best so far, no trial output, the best trial's report.
+    miou = float(base["miou_final"])
+    assert f"[sweep] trial {base['trial_id']} (" in out and f"miou={miou:.4f} at step 6; best so far {miou:.4f}" in out
+    assert f"[sweep] trial {invalid['trial_id']} (" in out and "ended without a miou" in out
+    assert "RayTrainWorker" not in out and "Trial status" not in out
+    report = exp / f"trial_{base['trial_id']}" / "train" / "report.md"
+    assert f"[sweep] best trial's report: {report}" in out and (report.parent / "segmentation.png").is_file()
 
 
 def _free_port() -> int:
