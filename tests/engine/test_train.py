@@ -132,9 +132,10 @@ def _train_worker_pids(ray_temp_dir: str) -> list[int]:
 def test_killed_worker_restarts_from_last_checkpoint(ray_local, tmp_path):
     from glare.train import run
 
-    interval = 10
-    # 64 px views make a step slow enough (~0.1 s) for the kill to land mid-interval.
-    cfg = _cfg(tmp_path, "train.run_name=kill", "train.steps=60", f"train.checkpoint_every={interval}",
+    # An interval long enough in time (30 steps of 0.05-0.3 s) for the kill to land mid-interval and
+    # well after the controller has registered the interval's checkpoint, on an idle or a busy machine.
+    interval = 30
+    cfg = _cfg(tmp_path, "train.run_name=kill", "train.steps=90", f"train.checkpoint_every={interval}",
                "train.log_every=1", "ray.max_failures=1", "augment.view_size=64", "data.base_size=72")
     run_dir = tmp_path / "kill"
     killed: list[int] = []
@@ -163,9 +164,9 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_local, tmp_path):
     summary = run(cfg)
     thread.join(timeout=5)
     assert killed, "the worker was never killed"
-    assert summary["steps"] == 60 and summary["stop_reason"] == ""
+    assert summary["steps"] == 90 and summary["stop_reason"] == ""
     # The restarted worker redid the steps after its checkpoint and cut the log back to it: each step once.
-    assert _logged_steps(run_dir) == list(range(1, 61))
+    assert _logged_steps(run_dir) == list(range(1, 91))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("event") == "end" for r in records) == 1
 
