@@ -57,9 +57,11 @@ def train(cluster: FakeCluster, storage: Path, *overrides: str) -> subprocess.Po
     """``python -m glare.train`` as a user starts it on the cluster (stdout and stderr to storage/out.log)."""
     storage.mkdir(parents=True, exist_ok=True)
     log = open(storage.parent / f"{storage.name}.log", "w")  # noqa: SIM115 (the process holds it)
-    return subprocess.Popen([sys.executable, "-m", "glare.train", *TWO_NODES, f"train.storage_path={storage}",
-                             "train.run_name=run", *overrides], cwd=REPO, env=cluster_env(cluster),
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    # --verbose: the workers' lines (e.g. "resumed from step N") reach the log.
+    command = [sys.executable, "-m", "glare.train", "--verbose", *TWO_NODES, f"train.storage_path={storage}",
+               "train.run_name=run", *overrides]
+    return subprocess.Popen(command, cwd=REPO, env=cluster_env(cluster), stdout=log, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def output(storage: Path) -> str:
