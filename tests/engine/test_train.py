@@ -191,7 +191,8 @@ def test_exploded_update_stops_the_resumed_run_and_keeps_the_last_good_checkpoin
     # Nothing was evaluated or exported after the stop, and the summary says so.
     assert summary["miou_after"] is None and summary["export"] is None
     assert summary["miou_before"] == first["miou_before"]
-    assert json.loads((run_dir / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved == json.loads(json.dumps({k: v for k, v in summary.items() if k != "report"}))
     kept = load_checkpoint(summary["checkpoint"])
     assert kept["loop"]["step"] == 3
     assert _trainable_norm(kept) == pytest.approx(_trainable_norm(good), rel=1e-6)  # a checkpoint to train from
