@@ -102,7 +102,8 @@ def test_one_step_keeps_backbone_and_moves_teacher_by_ema(tiny_cfg):
 
 
 def test_adapters_from_a_later_block_train_and_export(tiny_cfg, tmp_path):
-    from glare.weights.export import load_pretrained, save_export
+    from glare.models.pretrained import load_pretrained
+    from glare.weights.export import save_export
 
     model = _model(tiny_cfg("model.adapter.first_block=1"))
     assert list(model.student["adapters"]) == ["1"]  # keyed by block: block 0 has none
