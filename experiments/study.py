@@ -381,7 +381,7 @@ def patch_drift(reference: torch.Tensor, encoder: torch.nn.Module, images: torch
 
 def init_encoder(cfg: GlareConfig) -> torch.nn.Module:
     """The run's initialisation, as its first step saw it (a random init is drawn from ``train.seed`` as there)."""
-    from glare.weights.export import load_encoder
+    from glare.models.pretrained import load_encoder
 
     with torch.random.fork_rng():
         torch.manual_seed(cfg.train.seed)  # the trainer seeds like this right before building the backbone
@@ -447,8 +447,8 @@ def finished_summary(run_dir: Path) -> dict[str, Any] | None:
 
 def trained_row(cfg: GlareConfig, variant: str, seed: int, ctx: StudyContext) -> dict[str, Any]:
     """Train (or reuse) one (variant, seed) run and score it; the row is cached as ``<run>/study.json``."""
+    from glare.models.pretrained import load_pretrained
     from glare.train import run
-    from glare.weights.export import load_pretrained
 
     run_dir = Path(cfg.train.storage_path) / cfg.train.run_name
     check_run_config(run_dir, cfg)

@@ -25,6 +25,6 @@ def build_model(cfg: GlareConfig) -> GlareModel:
 
 def load_pretrained(path: str, **kwargs: Any) -> AdaptedViT:
     """An adapted ViT (backbone + adapters) from one of our exports (see :mod:`glare.weights.export`)."""
-    from glare.weights.export import load_pretrained as _load
+    from glare.models.pretrained import load_pretrained as _load
 
     return _load(path, **kwargs)

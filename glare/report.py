@@ -173,8 +173,8 @@ def before_after_models(run_dir: Path, cfg: GlareConfig, device: str) -> list[tu
     """
     import torch
 
+    from glare.models.pretrained import load_encoder
     from glare.models.vit import AdaptedViT
-    from glare.weights.export import load_encoder
 
     after = load_encoder(run_dir / "export" / "backbone.safetensors", device=device).eval()
     if cfg.model.tune == "adapters":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from typing import Any
 
 from glare.config import ConfigError, GlareConfig, load_config, to_dict, to_yaml
 from glare.preflight import preflight
+from glare.ray_start import init_ray
 
 DEFAULT_PRESET = "default"
 
@@ -60,33 +60,6 @@ def imgfocus_available() -> bool:
     return True
 
 
-def init_ray(cfg: GlareConfig, verbose: bool = False) -> None:
-    """Join ``ray.address`` / the cluster this job runs in, or start a local instance.
-
-    Unless ``verbose``, the workers' output is not forwarded and Ray logs warnings only
-    (:mod:`glare.console` shows the run's progress from its metrics.jsonl instead).
-    """
-    import ray
-
-    from glare.console import quiet_ray_data, ray_init_kwargs
-
-    if ray.is_initialized():
-        return
-    kwargs = ray_init_kwargs(verbose)
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    # The job's runtime env reaches Ray Train's controller actor wherever it runs.
-    env = {START_TIMEOUT_ENV: str(cfg.ray.capacity_wait_s)} if cfg.ray.capacity_wait_s else {}
-    runtime_env = {"env_vars": env} if env else None
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, **kwargs)
-    else:
-        # Locally, Ray Data's decode stage and the train workers share the CPUs; give the
-        # workers what they ask for plus one CPU for data so neither starves the other.
-        cpus = max(os.cpu_count() or 1, int(cfg.ray.num_workers * cfg.ray.cpus_per_worker + 0.999) + 1)
-        ray.init(num_cpus=cpus, runtime_env=runtime_env, **kwargs)
-    quiet_ray_data(verbose)
-
-
 def pretrain_data(cfg: GlareConfig):
     """The unlabelled images the config names (the mosaic's unlabelled split by default) as a
     :class:`glare.data.pretrain.PretrainData`: the Ray Dataset and whether it is materialised."""
@@ -98,10 +71,6 @@ def pretrain_data(cfg: GlareConfig):
 
         source = str(ensure_mosaic(cfg.data.mosaic) / "unlabelled")
     return open_pretrain_data(source, cfg.data.base_size, cfg.data.image_column, materialize=cfg.data.materialize)
-
-
-# Ray Train's limit on how long a worker group may wait for its resources before the try counts as failed.
-START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 def worker_resources(cfg: GlareConfig) -> dict[str, float]:

@@ -317,7 +317,8 @@ def model_name(weights: str) -> str:
 
 def load_models(weights: Sequence[str], cfg: GlareConfig, device: str) -> list[tuple[str, nn.Module]]:
     """Build one AdaptedViT per weights argument; random inits are seeded with ``eval.seed``."""
-    from glare.weights.export import arch_notice, load_encoder
+    from glare.models.pretrained import load_encoder
+    from glare.weights.export import arch_notice
 
     models = []
     for w in weights:

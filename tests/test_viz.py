@@ -86,11 +86,18 @@ def test_compare_doubles_the_rows(models, natural_images, tmp_path):
     assert two.shape[1] == one.shape[1] and two.shape[0] - one.shape[0] == CELL + TITLE
 
 
-def test_figures_are_deterministic(models, natural_images, tmp_path):
+def test_figures_are_deterministic(models, natural_images, mosaic, tmp_path):
     images = natural_images(32)[:3]
     a = _png(pca_figure(models, images, tmp_path / "a.png"))
     b = _png(pca_figure(models, images, tmp_path / "b.png"))
     assert np.array_equal(a, b)
+    # The segmentation figure trains a probe: it draws from PROBE's seed, not from the global RNG.
+    seg = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        seg.append(_png(segmentation_figure(models, mosaic["val"][0][:2], mosaic["val"][1][:2], mosaic["train"], 3,
+                                            ["a", "b", "c"], PROBE, tmp_path / f"seg{global_seed}.png")))
+    assert np.array_equal(*seg)
 
 
 @pytest.mark.parametrize("n_models", [1, 2])

@@ -119,8 +119,7 @@ def connect(sweep: SweepConfig, cfg: GlareConfig, verbose: bool = False) -> dict
     """
     import ray
 
-    from glare.console import quiet_ray_data, ray_init_kwargs
-    from glare.train import init_ray
+    from glare.ray_start import init_ray
 
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         init_ray(cfg, verbose)  # a job's workers run in its working directory, which holds tune/
@@ -134,9 +133,8 @@ def connect(sweep: SweepConfig, cfg: GlareConfig, verbose: bool = False) -> dict
             # workers stay reserved: the next trial waits forever. Naming our dashboard avoids that.
             "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
         }
-        cpus = max(os.cpu_count() or 1, math.ceil(trial_cpus(sweep, cfg)))
-        ray.init(num_cpus=cpus, dashboard_port=port, runtime_env={"env_vars": env}, **ray_init_kwargs(verbose))
-        quiet_ray_data(verbose)
+        init_ray(cfg, verbose, num_cpus=max(os.cpu_count() or 1, math.ceil(trial_cpus(sweep, cfg))), env_vars=env,
+                 dashboard_port=port)
     return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 

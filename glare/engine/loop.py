@@ -7,7 +7,6 @@ method itself is :meth:`GlareModel.forward_backward` / ``update_teacher``.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import sys
 import tempfile
@@ -27,7 +26,6 @@ from glare.engine.schedules import cosine, warmup_cosine
 from glare.eval.linear_probe import ProbeResult
 from glare.models.glare import GlareModel, build_model
 
-log = logging.getLogger("glare.train")
 TERMS = ("glob", "reg", "loc1", "loc2")
 
 
@@ -203,7 +201,7 @@ class RunLog:
 
             dropped = truncate_log(run_dir / "metrics.jsonl", resume_step if resume_step is not None else -1)
             if dropped and resume_step is not None:
-                log.info("metrics.jsonl: dropped %d records after the checkpoint's step %d", dropped, resume_step)
+                say(f"metrics.jsonl: dropped {dropped} records after the checkpoint's step {resume_step}")
             self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -270,196 +268,264 @@ def worker_nodes(world: int) -> list[str]:
     return nodes
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: ``config`` = {"cfg": dict, "run_dir": str}."""
-    import ray.train
-    import ray.train.torch
+def say(message: str, *, warning: bool = False) -> None:
+    """The worker's one output channel: a ``[glare]`` line (warnings on stderr).
 
-    cfg = from_dict(config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.train.seed)  # identical (random-init) weights on every worker and every restart
-    model = build_model(cfg).to(device)
-    torch.manual_seed(cfg.train.seed + rank)  # different views on every worker
-    model.train()
-    runner = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
-    nodes = worker_nodes(world)
-    optimizer = build_optimizer(model, cfg, world)
-    state = LoopState()
+    Only rank 0 calls it; what the driver must show also goes to metrics.jsonl (see
+    :mod:`glare.console`), since the driver does not forward worker output by default.
+    """
+    print(f"[glare] {'warning: ' if warning else ''}{message}", file=sys.stderr if warning else sys.stdout,
+          flush=True)
+
+
+def resume(model: GlareModel, optimizer: torch.optim.Optimizer, rank: int, device: torch.device
+           ) -> LoopState | None:
+    """Load Ray Train's checkpoint, if any, into the model, optimiser and RNG; its loop state, else None."""
+    import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            saved = load_checkpoint(d, map_location=device)
-        load_model_state(model, saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state = LoopState(**saved["loop"])
-        set_rng_state(saved["rng"][min(rank, len(saved["rng"]) - 1)])
-        log.info("resumed from step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
-
-    run_dir = Path(config["run_dir"]) if rank == 0 else None
-    runlog = RunLog(run_dir, resume_step=state.step if checkpoint is not None else None)
-    # The step of the newest checkpoint a resume can train from (None: none written yet).
-    last_good: int | None = state.step if checkpoint is not None else None
-    probe_data = None
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        saved = load_checkpoint(d, map_location=device)
+    load_model_state(model, saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    state = LoopState(**saved["loop"])
+    set_rng_state(saved["rng"][min(rank, len(saved["rng"]) - 1)])
     if rank == 0:
-        from glare.eval.protocol import load_probe_data
+        say(f"resumed from step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+    return state
 
-        probe_data = load_probe_data(cfg.data, cfg.eval, multiple=model.patch_size)
-        if math.isnan(state.miou_before):
-            result = evaluate(model, cfg, device, probe_data)
-            runlog.probe(0, result, probe_data)
-            state.miou_before = state.miou_last = result.miou
-            print(f"[glare] mIoU before: {100 * state.miou_before:.2f}", flush=True)
 
-    def with_state(metrics: dict[str, Any]) -> dict[str, Any]:
-        return {**metrics, "step": state.step, "miou": state.miou_last, "miou_before": state.miou_before,
-                "images_seen": state.images_seen, "nonfinite_steps": state.nonfinite_total}
+class WorkerRun:
+    """One worker's training run: :meth:`start` (build, resume or bootstrap, first evaluation),
+    :meth:`train` (steps, with logging, evaluations and checkpoints) and :meth:`finish`.
+    """
 
-    def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
-        nonlocal last_good
-        payload = with_state(metrics)
-        if with_checkpoint and not all(bool(torch.isfinite(p).all()) for p in model.trainable_parameters()):
+    def __init__(self, config: dict[str, Any]) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self.cfg = cfg = from_dict(config["cfg"])
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        torch.manual_seed(cfg.train.seed)  # identical (random-init) weights on every worker and every restart
+        self.model = build_model(cfg).to(self.device)
+        torch.manual_seed(cfg.train.seed + self.rank)  # different views on every worker
+        self.model.train()
+        self.runner = ray.train.torch.prepare_model(self.model, move_to_device=False) if self.world > 1 else self.model
+        self.nodes = worker_nodes(self.world)
+        self.optimizer = build_optimizer(self.model, cfg, self.world)
+        self.run_dir = Path(config["run_dir"]) if self.rank == 0 else None
+        self.shard = ray.train.get_dataset_shard("train")
+        self.probe_data: Any = None
+        self.last: dict[str, Any] = {}  # the metrics of the last logged step
+        self.stop_reason = ""
+        self.warned: set[str] = set()  # each target problem is told once
+        self.window_t, self.window_images = time.perf_counter(), 0
+
+    def start(self) -> None:
+        """Resume from Ray's checkpoint or bootstrap the heads; evaluate the init (rank 0, once per run)."""
+        resumed = resume(self.model, self.optimizer, self.rank, self.device)
+        self.state = resumed or LoopState()
+        self.runlog = RunLog(self.run_dir, resume_step=self.state.step if resumed else None)
+        # The step of the newest checkpoint a resume can train from (None: none written yet).
+        self.last_good: int | None = self.state.step if resumed else None
+        if self.rank == 0:
+            from glare.eval.protocol import load_probe_data
+
+            self.probe_data = load_probe_data(self.cfg.data, self.cfg.eval, multiple=self.model.patch_size)
+            if math.isnan(self.state.miou_before):
+                self.state.miou_before = self.evaluate(0, record=False).miou
+                say(f"mIoU before: {100 * self.state.miou_before:.2f}")
+        if resumed is None:  # a resumed run has its bootstrapped heads in the checkpoint
+            seen = bootstrap_heads(self.model, self.shard, self.cfg, self.rank, self.device)
+            if seen:
+                self.runlog.event("head_bootstrap", step=0, tokens=seen)
+                if self.rank == 0:
+                    say("heads bootstrapped from the init's tokens: "
+                        + ", ".join(f"{name} on {n} tokens" for name, n in seen.items()))
+
+    def evaluate(self, step: int, record: bool = True) -> ProbeResult:
+        """The probe at ``step`` (rank 0): the last mIoU, a ``miou`` record (if ``record``) and a ``probe`` event."""
+        result = evaluate(self.model, self.cfg, self.device, self.probe_data)
+        self.state.miou_last = result.miou
+        if record:
+            self.runlog.write(step, {"miou": result.miou})
+        self.runlog.probe(step, result, self.probe_data)
+        return result
+
+    def train(self) -> None:
+        """Epochs of the worker's shard until ``train.steps`` or a stop, from the checkpoint's data position."""
+        state, cfg = self.state, self.cfg
+        while state.step < cfg.train.steps and not self.stop_reason:
+            skip, got_batch = state.batch_in_epoch, False
+            for i, row in enumerate(epoch_batches(self.shard, cfg, state.epoch, self.rank)):
+                if i < skip:  # resume at the data position of the checkpoint
+                    continue
+                got_batch = True
+                if not self.step(i, row) or state.step >= cfg.train.steps:
+                    break
+            else:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                if not got_batch and skip == 0:
+                    raise RuntimeError(f"the training data yields no full batch of {cfg.train.batch_size} images "
+                                       "per worker; lower train.batch_size or add images")
+
+    def step(self, i: int, row: dict[str, Any]) -> bool:
+        """Train on batch ``i`` of the epoch and do what the new step calls for; False once the run must stop."""
+        state, cfg = self.state, self.cfg
+        images = row["image"].to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+        set_schedules(self.optimizer, cfg, state.step, self.world)
+        t0 = time.perf_counter()
+        metrics, ok = train_step(self.model, self.runner, self.optimizer, images, state.step, cfg)
+        state.train_seconds += time.perf_counter() - t0
+        state.batch_in_epoch = i + 1
+        if not ok:
+            return self.skipped()
+        state.nonfinite_run = 0
+        if exploded(metrics["weight_norm_before"], metrics["weight_norm"]):
+            # Finite but useless weights: stop before anything is trained on them or checkpointed.
+            self.stop_reason = (
+                f"the update of step {state.step + 1} multiplied the trainable weights' norm by "
+                f"{metrics['weight_norm'] / max(metrics['weight_norm_before'], 1e-12):.3g} (to "
+                f"{metrics['weight_norm']:.3g}); stopped, {self.kept()} (lower optim.lr?)")
+            return False
+        images_now = cfg.train.batch_size * self.world
+        state.step += 1
+        state.images_seen += images_now
+        self.window_images += images_now
+        step = state.step
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            self.log_step(metrics)
+        evaluate_now = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 and step < cfg.train.steps
+        if evaluate_now and self.rank == 0:
+            self.evaluate(step)
+            say(f"step {step} mIoU: {100 * state.miou_last:.2f}")
+        if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
+            self.report(self.last, with_checkpoint=True)
+        elif evaluate_now:
+            self.report(self.last, with_checkpoint=False)
+        return True
+
+    def skipped(self) -> bool:
+        """Count a non-finite step (skipped on every worker); False once too many came in a row."""
+        state = self.state
+        state.nonfinite_total += 1
+        state.nonfinite_run += 1
+        message = (f"step {state.step}: non-finite loss or gradient, step skipped "
+                   f"({state.nonfinite_run} in a row)")
+        if self.rank == 0:
+            say(message, warning=True)
+        self.runlog.warning(state.step, message)
+        if state.nonfinite_run >= self.cfg.train.max_nonfinite:
+            self.stop_reason = (f"{state.nonfinite_run} consecutive non-finite steps at step {state.step}; "
+                                f"stopped, {self.kept()} (lower optim.lr?)")
+            return False
+        return True
+
+    def kept(self) -> str:
+        """What a stop leaves to resume from."""
+        return (f"the last good checkpoint (step {self.last_good}) is intact" if self.last_good is not None
+                else "no checkpoint had been written yet, so there is none to resume from")
+
+    def log_step(self, metrics: dict[str, float]) -> None:
+        """Average the step's metrics over the workers and log them; warn once per target problem after warm-up."""
+        cfg, step = self.cfg, self.state.step
+        elapsed = time.perf_counter() - self.window_t
+        last = _mean_across_workers({k: v for k, v in metrics.items() if k != "weight_norm_before"}, self.device)
+        group = self.optimizer.param_groups[0]
+        last.update(lr=group["lr"], weight_decay=group["weight_decay"],
+                    images_per_s=self.window_images / max(elapsed, 1e-9))
+        self.last = last
+        self.window_t, self.window_images = time.perf_counter(), 0
+        self.runlog.write(step, last)
+        if self.rank != 0:
+            return
+        terms = " ".join(f"{k}={last[k]:.3f}" for k in TERMS if k in last)
+        entropy = " ".join(f"{k}={last[f'teacher_entropy_{k}']:.2f}" for k in TERMS if f"teacher_entropy_{k}" in last)
+        say(f"step {step}/{cfg.train.steps} loss={last['loss']:.3f} {terms} teacher entropy/ln K: {entropy} "
+            f"lr={last['lr']:.2e} {last['images_per_s']:.1f} img/s")
+        # Targets are judged once the teacher temperature and the lr have warmed up.
+        if step < max(cfg.loss.teacher_temp_warmup_steps, cfg.optim.warmup_steps):
+            return
+        for key, message in target_warnings(last).items():
+            if key not in self.warned:
+                self.warned.add(key)
+                say(f"step {step}: {message}", warning=True)
+                self.runlog.warning(step, f"step {step}: {message}")
+
+    def with_state(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """``metrics`` plus the loop's counters, as Ray's reports and the closing record carry them."""
+        s = self.state
+        return {**metrics, "step": s.step, "miou": s.miou_last, "miou_before": s.miou_before,
+                "images_seen": s.images_seen, "nonfinite_steps": s.nonfinite_total}
+
+    def report(self, metrics: dict[str, Any], with_checkpoint: bool) -> None:
+        """``ray.train.report`` the metrics, with a checkpoint of everything that trains if asked and finite."""
+        import ray.train
+
+        payload = self.with_state(metrics)
+        if with_checkpoint and not all(bool(torch.isfinite(p).all()) for p in self.model.trainable_parameters()):
             # An update that overflowed: keep the last good checkpoint rather than overwrite it.
-            log.warning("step %d: non-finite weights, checkpoint not written", state.step)
+            if self.rank == 0:
+                say(f"step {self.state.step}: non-finite weights, checkpoint not written", warning=True)
             with_checkpoint = False
         if not with_checkpoint:
             ray.train.report(payload)
             return
-        last_good = state.step
-        rngs = [None] * world
+        self.last_good = self.state.step
+        rngs: list[Any] = [None] * self.world
         if dist.is_available() and dist.is_initialized():
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
-            if rank == 0:
-                save_checkpoint(tmp, {"model": model_state(model), "optimizer": optimizer.state_dict(),
-                                      "loop": asdict(state), "rng": rngs})
+            if self.rank == 0:
+                save_checkpoint(tmp, {"model": model_state(self.model), "optimizer": self.optimizer.state_dict(),
+                                      "loop": asdict(self.state), "rng": rngs})
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(payload, checkpoint=ckpt)
 
-    shard = ray.train.get_dataset_shard("train")
-    if checkpoint is None:  # a resumed run has its bootstrapped heads in the checkpoint
-        seen = bootstrap_heads(model, shard, cfg, rank, device)
-        if seen:
-            runlog.event("head_bootstrap", step=0, tokens=seen)
-            if rank == 0:
-                print("[glare] heads bootstrapped from the init's tokens: "
-                      + ", ".join(f"{name} on {n} tokens" for name, n in seen.items()), flush=True)
-    batch = cfg.train.batch_size
-    window_t, window_images, last = time.perf_counter(), 0, {}
-    # Targets are judged once the teacher temperature and the lr have warmed up; each problem is told once.
-    warmup_done, warned = max(cfg.loss.teacher_temp_warmup_steps, cfg.optim.warmup_steps), set()
-    stop_reason = ""
+    def finish(self) -> None:
+        """Evaluate and export (rank 0, unless stopped), write the closing record and the final report."""
+        state, model = self.state, self.model
+        final: dict[str, Any] = dict(self.last)
+        if self.stop_reason:
+            state.miou_last = float("nan")  # nothing was evaluated after the stop: no after-value
+        if self.rank == 0:
+            if not self.stop_reason:
+                self.export()
+            final.update(trainable_params=sum(p.numel() for p in model.trainable_parameters()),
+                         backbone_params=sum(p.numel() for p in model.backbone.parameters()),
+                         train_seconds=state.train_seconds)
+        # A finished run's closing report below writes the final checkpoint; a stopped run's writes none.
+        final.update(stop_reason=self.stop_reason, done=1,
+                     last_good_step=self.last_good if self.stop_reason else state.step)
+        # Ray's Result keeps the metrics of the last *checkpoint*; a run stopped by non-finite
+        # steps ends without one, so the closing record also goes to metrics.jsonl.
+        self.runlog.end({**self.with_state(final), "worker_nodes": self.nodes})
+        self.runlog.close()
+        self.report(final, with_checkpoint=not self.stop_reason)
 
-    def kept() -> str:
-        return (f"the last good checkpoint (step {last_good}) is intact" if last_good is not None
-                else "no checkpoint had been written yet, so there is none to resume from")
+    def export(self) -> None:
+        """The final evaluation and the two exports of the adapted student (rank 0)."""
+        from glare.weights.export import save_export
 
-    while state.step < cfg.train.steps and not stop_reason:
-        skip = state.batch_in_epoch
-        got_batch = False
-        for i, row in enumerate(epoch_batches(shard, cfg, state.epoch, rank)):
-            if i < skip:  # resume at the data position of the checkpoint
-                continue
-            got_batch = True
-            images = row["image"].to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
-            set_schedules(optimizer, cfg, state.step, world)
-            t0 = time.perf_counter()
-            metrics, ok = train_step(model, runner, optimizer, images, state.step, cfg)
-            state.train_seconds += time.perf_counter() - t0
-            state.batch_in_epoch = i + 1
-            if ok:
-                state.nonfinite_run = 0
-            else:
-                state.nonfinite_total += 1
-                state.nonfinite_run += 1
-                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
-                            state.step, state.nonfinite_run)
-                runlog.warning(state.step, f"step {state.step}: non-finite loss or gradient, step skipped "
-                                           f"({state.nonfinite_run} in a row)")
-                if state.nonfinite_run >= cfg.train.max_nonfinite:
-                    stop_reason = (f"{state.nonfinite_run} consecutive non-finite steps at step {state.step}; "
-                                   f"stopped, {kept()} (lower optim.lr?)")
-                    break
-                continue
-            if exploded(metrics["weight_norm_before"], metrics["weight_norm"]):
-                # Finite but useless weights: stop before anything is trained on them or checkpointed.
-                stop_reason = (f"the update of step {state.step + 1} multiplied the trainable weights' norm by "
-                               f"{metrics['weight_norm'] / max(metrics['weight_norm_before'], 1e-12):.3g} (to "
-                               f"{metrics['weight_norm']:.3g}); stopped, {kept()} (lower optim.lr?)")
-                break
-            state.step += 1
-            state.images_seen += batch * world
-            window_images += batch * world
-            step = state.step
+        assert self.run_dir is not None
+        self.evaluate(self.state.step)
+        say(f"mIoU after: {100 * self.state.miou_last:.2f} (before {100 * self.state.miou_before:.2f})")
+        adapted = self.model.export("student")
+        save_export(adapted, self.run_dir / "export" / "backbone.safetensors", self.cfg.model)
+        save_export(adapted, self.run_dir / "export" / "backbone_mmseg.safetensors", self.cfg.model, layout="mmseg")
 
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                elapsed = time.perf_counter() - window_t
-                last = _mean_across_workers({k: v for k, v in metrics.items() if k != "weight_norm_before"}, device)
-                last.update(lr=optimizer.param_groups[0]["lr"], weight_decay=optimizer.param_groups[0]["weight_decay"],
-                            images_per_s=window_images / max(elapsed, 1e-9))
-                window_t, window_images = time.perf_counter(), 0
-                runlog.write(step, last)
-                if rank == 0:
-                    terms = " ".join(f"{k}={last[k]:.3f}" for k in TERMS if k in last)
-                    entropy = " ".join(f"{k}={last[f'teacher_entropy_{k}']:.2f}" for k in TERMS
-                                       if f"teacher_entropy_{k}" in last)
-                    print(f"[glare] step {step}/{cfg.train.steps} loss={last['loss']:.3f} {terms} "
-                          f"teacher entropy/ln K: {entropy} lr={last['lr']:.2e} {last['images_per_s']:.1f} img/s",
-                          flush=True)
-                    if step >= warmup_done:
-                        for key, message in target_warnings(last).items():
-                            if key not in warned:
-                                warned.add(key)
-                                print(f"[glare] warning: step {step}: {message}", file=sys.stderr, flush=True)
-                                runlog.warning(step, f"step {step}: {message}")
-            evaluate_now = cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps
-            if evaluate_now and rank == 0:
-                result = evaluate(model, cfg, device, probe_data)
-                state.miou_last = result.miou
-                runlog.write(step, {"miou": state.miou_last})
-                runlog.probe(step, result, probe_data)
-                print(f"[glare] step {step} mIoU: {100 * state.miou_last:.2f}", flush=True)
-            if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
-                report(last, with_checkpoint=True)
-            elif evaluate_now:
-                report(last, with_checkpoint=False)
-            if step >= cfg.train.steps:
-                break
-        else:
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            if not got_batch and skip == 0:
-                raise RuntimeError(f"the training data yields no full batch of {batch} images per worker; "
-                                   "lower train.batch_size or add images")
 
-    final: dict[str, Any] = dict(last)
-    if stop_reason:
-        state.miou_last = float("nan")  # nothing was evaluated after the stop: no after-value
-    if rank == 0:
-        if not stop_reason:
-            result = evaluate(model, cfg, device, probe_data)
-            state.miou_last = result.miou
-            print(f"[glare] mIoU after: {100 * state.miou_last:.2f} (before {100 * state.miou_before:.2f})",
-                  flush=True)
-            from glare.weights.export import save_export
-
-            adapted = model.export("student")
-            save_export(adapted, run_dir / "export" / "backbone.safetensors", cfg.model)
-            save_export(adapted, run_dir / "export" / "backbone_mmseg.safetensors", cfg.model, layout="mmseg")
-            runlog.write(state.step, {"miou": state.miou_last})
-            runlog.probe(state.step, result, probe_data)
-        final.update(trainable_params=sum(p.numel() for p in model.trainable_parameters()),
-                     backbone_params=sum(p.numel() for p in model.backbone.parameters()),
-                     train_seconds=state.train_seconds)
-    # A finished run's closing report below writes the final checkpoint; a stopped run's writes none.
-    final.update(stop_reason=stop_reason, done=1, last_good_step=last_good if stop_reason else state.step)
-    # Ray's Result keeps the metrics of the last *checkpoint*; a run stopped by non-finite
-    # steps ends without one, so the closing record also goes to metrics.jsonl.
-    runlog.end({**with_state(final), "worker_nodes": nodes})
-    runlog.close()
-    report(final, with_checkpoint=not stop_reason)
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``config`` = {"cfg": dict, "run_dir": str}."""
+    run = WorkerRun(config)
+    run.start()
+    run.train()
+    run.finish()

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace) -> tuple[GlareConfig, nn.Module]:
     """The config (preset + overrides) and the encoder; random inits are seeded with ``eval.seed``."""
-    from glare.weights.export import arch_notice, load_encoder
+    from glare.models.pretrained import load_encoder
+    from glare.weights.export import arch_notice
 
     cfg = load_config(None if args.config == "none" else args.config, args.overrides)
     if notice := arch_notice(args.weights, cfg.model):

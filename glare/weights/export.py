@@ -1,7 +1,7 @@
 """Exports of the adapted backbone (safetensors) and loading them back.
 
 Two layouts of the same tensors:
-- ``timm``: timm's ViT keys plus ``blocks.{i}.adapter.*``; :func:`load_pretrained`
+- ``timm``: timm's ViT keys plus ``blocks.{i}.adapter.*``; :func:`glare.models.pretrained.load_pretrained`
   rebuilds an :class:`~glare.models.AdaptedViT` from it alone (the model
   settings travel in the file's metadata);
 - ``mmseg``: the same keys under ``backbone.``, what an mmsegmentation
@@ -108,36 +108,25 @@ def model_config_from_meta(meta: dict[str, str]) -> ModelConfig:
     )
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Rebuild the adapted ViT an export holds; every key must match (strict).
+def export_metadata(path: str | Path | None) -> dict[str, str] | None:
+    """The metadata of a GLARE export (read from its header only), or None when ``path`` is not one.
 
-    The model accepts any input size (timm's ``dynamic_img_size``).
+    The one test of "is this one of our exports?": an init spec, a foreign or unreadable file is not.
     """
-    from glare.models.vit import AdaptedViT, create_backbone
-
-    state, meta = read_export(path)
-    cfg = model_config_from_meta(meta)
-    model = AdaptedViT(create_backbone(cfg), adapter_cfg=cfg.adapter)
-    backbone, adapters = split_adapter_keys(state)
-    for part, module, sd in (("backbone", model.vit, backbone), ("adapters", model.adapters, adapters)):
-        missing, unexpected = module.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise ExportError(f"{path}: {part} keys do not match the model: missing {missing[:10]}, "
-                              f"unexpected {unexpected[:10]}")
-    return model.to(device).eval()
-
-
-def export_model_config(weights: str | Path) -> ModelConfig | None:
-    """The ModelConfig of a GLARE export (read from its header only), or None for anything else."""
-    path = Path(str(weights))
-    if path.suffix != ".safetensors" or not path.is_file():
+    if path is None or not str(path).endswith(".safetensors") or not Path(path).is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-    except Exception:  # not a readable safetensors file: not an export; load_encoder names the problem
+    except Exception:  # not a readable safetensors file: not an export; the weights loader names the problem
         return None
-    return model_config_from_meta(meta) if meta.get("format") == FORMAT else None
+    return meta if meta.get("format") == FORMAT else None
+
+
+def export_model_config(weights: str | Path) -> ModelConfig | None:
+    """The ModelConfig of a GLARE export (read from its header only), or None for anything else."""
+    meta = export_metadata(weights)
+    return None if meta is None else model_config_from_meta(meta)
 
 
 def arch_notice(weights: str | Path, model_cfg: ModelConfig) -> str | None:
@@ -148,24 +137,3 @@ def arch_notice(weights: str | Path, model_cfg: ModelConfig) -> str | None:
     kwargs = f" {json.dumps(dict(own.timm_kwargs))}" if own.timm_kwargs else ""
     return (f"[glare] note: {weights} is an export of {own.arch}{kwargs}; it is evaluated as that architecture, "
             f"and the config's model.arch={model_cfg.arch} is not used")
-
-
-def load_encoder(weights: str | Path, model_cfg: ModelConfig | None = None, device: str | torch.device = "cpu"
-                 ) -> torch.nn.Module:
-    """An AdaptedViT from either one of our exports or an initialisation.
-
-    ``weights`` is a GLARE export (``.safetensors`` written by :func:`save_export`),
-    or anything ``model.weights`` accepts ("imgfocus", "none", "timm", a foreign
-    checkpoint) combined with ``model_cfg``'s architecture; the latter gets
-    zero-initialised adapters, i.e. it is exactly the initialisation.
-    """
-    from glare.models.vit import AdaptedViT, create_backbone
-    from glare.weights.loading import load_backbone
-
-    if export_model_config(weights) is not None:
-        return load_pretrained(weights, device=device)
-    cfg = dataclasses.replace(model_cfg or ModelConfig(), weights=str(weights))
-    vit = create_backbone(cfg)
-    if cfg.weights != "none":
-        load_backbone(vit, cfg.weights)
-    return AdaptedViT(vit, adapter_cfg=cfg.adapter).to(device).eval()

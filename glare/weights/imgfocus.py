@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from glare.weights.loading import WeightsError
+from glare.weight_formats import WeightsError
 
 ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
 CACHE_NAME = "dinov2_s14_imgfocus.safetensors"

@@ -49,6 +49,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from glare.weight_formats import WeightsError, sniff_weights_file
+from glare.weights.imgfocus import imgfocus_weights
 
 
 @dataclass
@@ -350,8 +351,6 @@ def read_backbone(
     if name == "none":
         return RemappedCheckpoint({})
     if name == "imgfocus":
-        from glare.weights.imgfocus import imgfocus_weights  # imported here: imgfocus imports WeightsError from us
-
         state: Mapping[str, Any] = load_state_file(imgfocus_weights())
     elif name == "timm":
         state = _timm_hub_state(vit)

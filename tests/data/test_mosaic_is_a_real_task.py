@@ -15,7 +15,7 @@ def test_pixels_probe_clearly_below_pretrained_vit(tmp_path):
     pytest.importorskip("onnx")
     from glare.data.mosaic import ensure_mosaic
     from glare.data.segmentation import load_arrays, open_segmentation
-    from glare.weights.export import load_encoder
+    from glare.models.pretrained import load_encoder
 
     root = ensure_mosaic(MosaicConfig(image_size=112, train=40, val=20, unlabelled=1, cache_dir=str(tmp_path)))
     train = load_arrays(open_segmentation("mosaic", root, "train", num_classes=10), 112)

@@ -62,3 +62,19 @@ def test_truncate_log_keeps_each_step_up_to_the_checkpoint_once(tmp_path):
     assert [json.loads(line) for line in log.read_text().splitlines()] == records[:4]
     assert truncate_log(log, -1) == 4 and log.read_text() == ""  # a fresh start under the same name
     assert truncate_log(tmp_path / "absent.jsonl", 3) == 0
+
+
+def test_schedules_follow_the_step_and_the_global_batch(tiny_cfg):
+    cfg = tiny_cfg("optim.warmup_steps=4", "train.steps=20", "optim.weight_decay=0.04", "optim.weight_decay_end=0.4")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = build_optimizer(model, cfg, world_size=2)
+    peak = cfg.optim.lr * cfg.train.batch_size * 2 / 256  # linear scaling: two workers double the batch
+    lrs = [set_schedules(opt, cfg, step=s, world_size=2)[0] for s in range(4)]
+    assert lrs == pytest.approx([peak / 4, peak / 2, 3 * peak / 4, peak])
+    lr, wd = set_schedules(opt, cfg, step=20, world_size=2)
+    assert lr == pytest.approx(cfg.optim.min_lr) and wd == pytest.approx(0.4)
+    assert set_schedules(opt, cfg, step=0, world_size=2)[1] == pytest.approx(0.04)
+    decayed = [g for g in opt.param_groups if g["apply_wd"]]
+    assert decayed and all(g["weight_decay"] == pytest.approx(0.04) for g in decayed)
+    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups if not g["apply_wd"])

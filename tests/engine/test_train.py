@@ -17,7 +17,7 @@ import torch
 from glare.config import load_config
 from glare.engine.checkpoint import load_checkpoint
 from glare.models import GlareModel, create_backbone
-from glare.weights.export import load_pretrained
+from glare.models.pretrained import load_pretrained
 
 pytestmark = pytest.mark.slow
 

@@ -36,12 +36,18 @@ def mosaic_override(tmp_path_factory) -> str:
 def tiny_export(tmp_path_factory) -> str:
     """A tiny GLARE export with non-zero adapters, so it is a different model from the random init."""
     cfg = load_config("tiny").model
+    return str(save_export(_tiny_model(), tmp_path_factory.mktemp("export") / "tiny.safetensors", cfg))
+
+
+def _tiny_model() -> AdaptedViT:
+    """The model the ``tiny_export`` fixture writes, built afresh."""
+    cfg = load_config("tiny").model
     torch.manual_seed(123)
     model = AdaptedViT(create_backbone(cfg), adapter_cfg=cfg.adapter)
     with torch.no_grad():
         for p in model.adapters.parameters():
             p.normal_(0, 0.2)
-    return str(save_export(model, tmp_path_factory.mktemp("export") / "tiny.safetensors", cfg))
+    return model.eval()
 
 
 def _linear(weights: str, out, *overrides: str) -> dict:
@@ -67,6 +73,15 @@ def test_linear_scores_the_weights_it_is_given(tiny_export, mosaic_override, tmp
     init = _linear("none", tmp_path / "init.json", mosaic_override)
     export = _linear(tiny_export, tmp_path / "export.json", mosaic_override)
     assert export["miou"] != init["miou"]
+    # ... and exactly the probe of the model the export holds, run here without the CLI.
+    from glare.eval.protocol import load_probe_data, run_probe
+
+    cfg = load_config("tiny", [mosaic_override])
+    model = _tiny_model()
+    data = load_probe_data(cfg.data, cfg.eval, multiple=model.patch_size)
+    direct = run_probe(lambda x: model.dense_features(x, last_blocks=cfg.eval.last_blocks), data, cfg.eval, "cpu")
+    assert export["miou"] == pytest.approx(direct.miou, abs=1e-6)
+    assert export["per_class_iou"] == pytest.approx(direct.to_dict()["per_class_iou"], abs=1e-6, nan_ok=True)
 
 
 def test_linear_overrides_reach_the_probe(mosaic_override, tmp_path):

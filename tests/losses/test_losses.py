@@ -10,7 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import glare.models.glare as glare_module
 import glare.models.vit as vit_module
+from glare.augment.geometry import patch_centres, view_to_image
 from glare.losses import CenteredCrossEntropy
 from glare.models import GlareModel, create_backbone
 
@@ -33,19 +35,79 @@ def test_each_term_trains_adapters_and_never_the_backbone(tiny_cfg, term):
     model = _model(tiny_cfg(*only))
     out = model.forward_backward(_images(), step=0)
     assert set(out) >= {term, "loss"} and not (set(TERMS) - {term}) & set(out)
-    assert out[term] > 0
+    assert out["loss"] == pytest.approx(out[term])  # the only term, at weight 1
     assert all(p.grad is None for p in model.backbone.parameters())
     assert all(p.grad is None for p in model.teacher.parameters())
     ups = [a.up.weight.grad for a in model.student["adapters"].values()]
     assert all(g is not None and g.abs().sum() > 0 for g in ups), f"{term} gives adapters no gradient"
+    _assert_gradient_lowers(model, term)
 
 
-def test_geometric_regions_train_without_cross_attention(tiny_cfg):
+def _assert_gradient_lowers(model: GlareModel, term: str, seed: int = 3) -> None:
+    """A small step along minus the gradient lowers the reported term by lr * |g|^2 (to first order).
+
+    Fails when the reported value is not the quantity whose gradient reaches the adapters.
+    Views, distortions and the loss centres are the same for both evaluations.
+    """
+    centres = {k: v.clone() for k, v in model.losses.state_dict().items()}
+
+    def value() -> tuple[float, list[torch.Tensor]]:
+        model.losses.load_state_dict(centres)
+        model.student.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        out = model.forward_backward(_images(), step=0)
+        return out[term], [p.grad.clone() for p in params]
+
+    params = [p for p in model.student["adapters"].parameters() if p.requires_grad]
+    model.student.zero_grad(set_to_none=True)
+    before, grads = value()
+    sq = sum(float(g.pow(2).sum()) for g in grads)
+    lr = 1e-3 * before / sq  # predicted decrease: 0.1 % of the term
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p -= lr * g
+    after, _ = value()
+    assert (before - after) / (lr * sq) == pytest.approx(1.0, abs=0.3), f"{term}: {before} -> {after}"
+
+
+def test_geometric_regions_train_without_cross_attention(tiny_cfg, monkeypatch):
     model = _model(tiny_cfg("region.correspondence=geometric", "loss.glob=0", "loss.loc1=0", "loss.loc2=0"))
     assert "cross_attention" not in model.student
+    seen: dict[str, list] = {"views": [], "queries": []}
+
+    def recording(fn, key):
+        def wrapped(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            seen[key].append(result if key == "views" else args[1])
+            return result
+        return wrapped
+
+    monkeypatch.setattr(glare_module, "make_views", recording(glare_module.make_views, "views"))
+    monkeypatch.setattr(glare_module, "region_queries", recording(glare_module.region_queries, "queries"))
     out = model.forward_backward(_images(), step=0)
-    assert out["reg"] > 0
+    assert out["loss"] == pytest.approx(out["reg"])
     assert model.student["adapters"]["0"].up.weight.grad.abs().sum() > 0
+    # The teacher's side of each region is pooled over the patches of the OTHER view that show it.
+    (views,), (regions, _, mapped) = seen["views"], seen["queries"]
+    b, size, patch = views.box1.shape[0], model.cfg.augment.view_size, model.patch_size
+    grid = size // patch
+    pairs = ((views.box1, views.flip1, views.box2, views.flip2), (views.box2, views.flip2, views.box1, views.flip1))
+    hits = 0
+    for half, (box_a, flip_a, box_b, flip_b) in enumerate(pairs):
+        rows = slice(half * b, (half + 1) * b)
+        centres = patch_centres(grid, patch).expand(b, -1, -1)
+        in_image_a = view_to_image(centres, box_a, flip_a, size)  # (B, N, 2) source-image pixels
+        in_image_b = view_to_image(centres, box_b, flip_b, size)
+        cell = torch.maximum(box_a[:, 2:] - box_a[:, :2], box_b[:, 2:] - box_b[:, :2]) * patch / size  # (B, 2)
+        for i in range(b):
+            for src, dst in zip(regions[rows][i], mapped[rows][i]):
+                if not dst.any():
+                    continue
+                hits += 1
+                # Every mapped patch lies within one patch of a region patch, in image pixels.
+                gap = (in_image_b[i][dst][:, None] - in_image_a[i][src][None]).abs()  # (M, S, 2)
+                assert bool(((gap <= cell[i] + 1e-3).all(-1)).any(-1).all()), "a region landed on wrong patches"
+    assert hits > 0
 
 
 def test_zero_weight_terms_are_not_computed(tiny_cfg, monkeypatch):

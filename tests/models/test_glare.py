@@ -102,7 +102,8 @@ def test_one_step_keeps_backbone_and_moves_teacher_by_ema(tiny_cfg):
 
 
 def test_adapters_from_a_later_block_train_and_export(tiny_cfg, tmp_path):
-    from glare.weights.export import load_pretrained, save_export
+    from glare.models.pretrained import load_pretrained
+    from glare.weights.export import save_export
 
     model = _model(tiny_cfg("model.adapter.first_block=1"))
     assert list(model.student["adapters"]) == ["1"]  # keyed by block: block 0 has none
@@ -165,7 +166,22 @@ def test_two_class_tokens_and_registers(tiny_cfg):
     model = _model(cfg)
     f = model.features(torch.rand(2, 3, 32, 32), attention=True)
     assert f.prefix.shape == (2, 2, 48) and f.patches.shape == (2, 16, 48)
+    # The global term reads token 1 (the register), not the class token.
+    student_features, head_inputs = [], []
+    features = model.features
+
+    def recording(x, branch="student", **kwargs):
+        out = features(x, branch, **kwargs)
+        if branch == "student":
+            student_features.append(out)
+        return out
+
+    model.features = recording
+    model.student["head"].register_forward_hook(lambda module, args, out: head_inputs.append(args[0].detach()))
     model.forward_backward(torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8), step=0)
+    (s,) = student_features
+    read = torch.cat(head_inputs)
+    assert torch.equal(read, s.prefix[:, 1].detach()) and not torch.allclose(read, s.prefix[:, 0].detach())
     with pytest.raises(ConfigError, match="model.global_token"):
         _model(tiny_cfg("model.global_token=1"))
 

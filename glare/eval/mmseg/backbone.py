@@ -12,35 +12,22 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from mmengine.model import BaseModule
 from mmengine.optim import DefaultOptimWrapperConstructor
 from mmseg.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
-from safetensors import safe_open
 from torch import nn
 
 from glare.config import AdapterConfig, ModelConfig
 from glare.models.adapter import build_adapters
+from glare.models.pretrained import load_encoder
 from glare.models.vit import create_backbone, encode
-from glare.weights.export import FORMAT, load_encoder, model_config_from_meta
+from glare.weights.export import export_metadata, model_config_from_meta
 
 # Weights sources that are not files (see glare.weights.loading.load_backbone).
 _NO_WEIGHTS = "none"
-
-
-def export_metadata(path: str | Path | None) -> dict[str, str] | None:
-    """The metadata of a GLARE export, or None when ``path`` is not one (an init spec, a foreign file)."""
-    if path is None or not str(path).endswith(".safetensors") or not Path(path).is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception:  # not readable as safetensors: let the weights loader report it
-        return None
-    return meta if meta.get("format") == FORMAT else None
 
 
 def backbone_model_config(arch: str, img_size: int, timm_kwargs: dict | None, adapter: dict | None,
