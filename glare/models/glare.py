@@ -2,7 +2,9 @@
 
 The train loop only calls :meth:`GlareModel.forward_backward` and
 :meth:`GlareModel.update_teacher`; everything the method does between an
-image batch and a gradient lives here.
+image batch and a gradient lives here. The loop owns every schedule: it
+passes the step's teacher temperature and EMA momentum in as values
+(see :mod:`glare.engine.schedules`), as DINOv2's ``SSLMetaArch`` does.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from glare.augment import (
     sample_regions,
 )
 from glare.config import ConfigError, GlareConfig
-from glare.engine.schedules import cosine, linear_warmup
 from glare.losses import GlobalLoss, InterViewLocalLoss, PatchConsistencyLoss, RegionalLoss
 from glare.models.adapter import build_adapters
 from glare.models.bootstrap import bootstrap_head
@@ -126,20 +127,12 @@ class GlareModel(nn.Module):
         """What the optimiser updates: the student's adapters, heads and cross-attention."""
         return [p for p in self.student.parameters() if p.requires_grad]
 
-    # ------------------------------------------------------------- schedules
-    def teacher_temp(self, step: int) -> float:
-        lo = self.cfg.loss
-        return linear_warmup(step, lo.teacher_temp_warmup_steps, lo.teacher_temp_start, lo.teacher_temp)
-
-    def momentum(self, step: int) -> float:
-        m = self.cfg.model
-        return cosine(step, self.cfg.train.steps, m.momentum_start, m.momentum_end)
-
     # ---------------------------------------------------------------- training
-    def forward(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, teacher_temp: float) -> dict[str, torch.Tensor]:
         """Views -> teacher (clean) and student (distorted) passes -> weighted loss terms.
 
-        ``images``: uint8 (B, 3, H, W) on the training device. Returns ``loss``
+        ``images``: uint8 (B, 3, H, W) on the training device; ``teacher_temp``: the
+        teacher's softmax temperature for this step. Returns ``loss``
         (the weighted total) and one entry per active term.
         """
         cfg, aug = self.cfg, self.cfg.augment
@@ -151,7 +144,6 @@ class GlareModel(nn.Module):
         with torch.no_grad():
             t = self.features(clean, "teacher", attention="reg" in self.losses)
         s = self.features(distorted, "student")
-        temp = self.teacher_temp(step)
         g = cfg.model.global_token
         geometry, reverse = self._view_geometry(views)
         out: dict[str, torch.Tensor] = {}
@@ -159,10 +151,10 @@ class GlareModel(nn.Module):
         if "glob" in self.losses:
             out["glob"] = self.losses["glob"](
                 s.prefix[:, g].split(b), t.prefix[:, g].split(b),
-                self.student["head"], self.teacher["head"], temp)
+                self.student["head"], self.teacher["head"], teacher_temp)
         if "reg" in self.losses:
             out["reg"] = self.losses["reg"](*self._regions(s, t, b, geometry, reverse),
-                                            self.student["local_head"], self.teacher["local_head"], temp)
+                                            self.student["local_head"], self.teacher["local_head"], teacher_temp)
         local: dict[str, torch.Tensor] = {}  # loss term -> (2B, N) patches of X~ it supervises
         if "loc1" in self.losses:
             local["loc1"] = mask
@@ -172,11 +164,12 @@ class GlareModel(nn.Module):
             local["loc2"] = torch.cat([in12, in21])
         logits = self._student_local_logits(s.patches, local) if local else {}
         if "loc1" in self.losses:
-            out["loc1"] = self.losses["loc1"](logits["loc1"], t.patches, mask, self.teacher["local_head"], temp)
+            out["loc1"] = self.losses["loc1"](logits["loc1"], t.patches, mask, self.teacher["local_head"],
+                                              teacher_temp)
         if "loc2" in self.losses:
             t1, t2 = t.patch_map().split(b)
             out["loc2"] = self.losses["loc2"](logits["loc2"], torch.cat([t2, t1]), torch.cat([c12, c21]),
-                                              local["loc2"], self.teacher["local_head"], temp)
+                                              local["loc2"], self.teacher["local_head"], teacher_temp)
         out["loss"] = sum(getattr(lo, name) * value for name, value in out.items())
         return out
 
@@ -259,9 +252,12 @@ class GlareModel(nn.Module):
         self.teacher.load_state_dict(self.student.state_dict())
         return seen
 
-    def forward_backward(self, images: torch.Tensor, step: int, runner: nn.Module | None = None,
+    def forward_backward(self, images: torch.Tensor, teacher_temp: float, runner: nn.Module | None = None,
                          amp: bool = False) -> dict[str, float]:
         """One training forward and backward; returns the loss terms as floats.
+
+        ``teacher_temp`` is the step's teacher temperature
+        (:func:`glare.engine.schedules.teacher_temp`); it is also returned as a metric.
 
         ``runner`` is this model's DDP wrapper when distributed: calling the
         forward through it is what makes DDP all-reduce the gradients. The
@@ -271,18 +267,21 @@ class GlareModel(nn.Module):
         in bf16 autocast on CUDA (ignored elsewhere).
         """
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp and images.is_cuda):
-            out = (runner or self)(images, step)
+            out = (runner or self)(images, teacher_temp)
         out["loss"].backward()
         metrics = {name: float(value.detach()) for name, value in out.items()}
-        metrics["teacher_temp"] = self.teacher_temp(step)
+        metrics["teacher_temp"] = teacher_temp
         for name, term in self.losses.items():
             metrics.update(term.entropy_metrics(name))
         return metrics
 
     @torch.no_grad()
-    def update_teacher(self, step: int) -> float:
-        """EMA of the student into the teacher with the step's momentum; returns it."""
-        m = self.momentum(step)
+    def update_teacher(self, momentum: float) -> float:
+        """EMA of the student into the teacher: ``teacher <- m * teacher + (1 - m) * student``; returns ``m``.
+
+        ``momentum`` is the step's value (:func:`glare.engine.schedules.teacher_momentum`).
+        """
+        m = momentum
         student = [p.detach() for p in self.student.parameters()]
         teacher = [p for p in self.teacher.parameters()]
         torch._foreach_mul_(teacher, m)
