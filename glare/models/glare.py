@@ -16,15 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from glare.augment import (
-    Views,
-    distort_patches,
-    make_views,
-    map_patch_mask,
-    match_patches,
-    region_queries,
-    sample_regions,
-)
+from glare.augment import ViewPair, distort_patches, make_views, region_queries, sample_regions
 from glare.config import ConfigError, GlareConfig
 from glare.losses import GlobalLoss, InterViewLocalLoss, PatchConsistencyLoss, RegionalLoss
 from glare.models.adapter import build_adapters
@@ -145,7 +137,7 @@ class GlareModel(nn.Module):
             t = self.features(clean, "teacher", attention="reg" in self.losses)
         s = self.features(distorted, "student")
         g = cfg.model.global_token
-        geometry, reverse = self._view_geometry(views)
+        pair = views.pair(self.patch_size)  # view 1 -> view 2; pair.reverse() is view 2 -> view 1
         out: dict[str, torch.Tensor] = {}
 
         if "glob" in self.losses:
@@ -153,14 +145,14 @@ class GlareModel(nn.Module):
                 s.prefix[:, g].split(b), t.prefix[:, g].split(b),
                 self.student["head"], self.teacher["head"], teacher_temp)
         if "reg" in self.losses:
-            out["reg"] = self.losses["reg"](*self._regions(s, t, b, geometry, reverse),
+            out["reg"] = self.losses["reg"](*self._regions(s, t, b, pair),
                                             self.student["local_head"], self.teacher["local_head"], teacher_temp)
         local: dict[str, torch.Tensor] = {}  # loss term -> (2B, N) patches of X~ it supervises
         if "loc1" in self.losses:
             local["loc1"] = mask
         if "loc2" in self.losses:
-            c12, in12 = match_patches(*geometry)
-            c21, in21 = match_patches(*reverse)
+            c12, in12 = pair.match_patches()
+            c21, in21 = pair.reverse().match_patches()
             local["loc2"] = torch.cat([in12, in21])
         logits = self._student_local_logits(s.patches, local) if local else {}
         if "loc1" in self.losses:
@@ -172,12 +164,6 @@ class GlareModel(nn.Module):
                                               local["loc2"], self.teacher["local_head"], teacher_temp)
         out["loss"] = sum(getattr(lo, name) * value for name, value in out.items())
         return out
-
-    def _view_geometry(self, views: Views) -> tuple[tuple, tuple]:
-        """Crop geometry from view 1 to view 2 and back, as ``match_patches`` / ``_map_regions`` take it."""
-        size = self.cfg.augment.view_size
-        return ((views.box1, views.flip1, views.box2, views.flip2, size, self.patch_size),
-                (views.box2, views.flip2, views.box1, views.flip1, size, self.patch_size))
 
     def _student_local_logits(self, patches: torch.Tensor, selections: dict[str, torch.Tensor]
                               ) -> dict[str, torch.Tensor]:
@@ -192,9 +178,12 @@ class GlareModel(nn.Module):
         row = union.flatten().cumsum(0) - 1  # each selected patch's row in `logits`
         return {name: logits[row[sel.flatten()]] for name, sel in selections.items()}
 
-    def _regions(self, s: Features, t: Features, b: int, geometry: tuple, reverse: tuple
+    def _regions(self, s: Features, t: Features, b: int, pair: ViewPair
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Student and teacher region representations (2B, R, D) for both view directions, and validity."""
+        """Student and teacher region representations (2B, R, D) for both view directions, and validity.
+
+        ``pair`` maps view 1 to view 2 (the first B rows of ``s`` and ``t`` are view 1).
+        """
         reg = self.cfg.region
         assert t.cls_attn is not None
         masks = sample_regions(t.cls_attn, reg.num_regions, reg.top_q)  # (2B, R, N): view 1 then view 2
@@ -208,7 +197,7 @@ class GlareModel(nn.Module):
             valid = torch.ones(masks.shape[:2], dtype=torch.bool, device=masks.device)
             return rep_s, rep_t, valid
         m1, m2 = masks.split(b)
-        mapped = torch.cat([_map_regions(m1, geometry), _map_regions(m2, reverse)])
+        mapped = torch.cat([pair.map_regions(m1), pair.reverse().map_regions(m2)])
         with torch.no_grad():
             rep_t = region_queries(t_other, mapped)
         return q_s, rep_t, mapped.any(dim=-1)
@@ -244,7 +233,7 @@ class GlareModel(nn.Module):
         if "local_head" in heads:
             tokens = [t.patches.flatten(0, 1)] if ("loc1" in self.losses or "loc2" in self.losses) else []
             if "reg" in self.losses:
-                _, regions, valid = self._regions(t, t, b, *self._view_geometry(views))
+                _, regions, valid = self._regions(t, t, b, views.pair(self.patch_size))
                 tokens.append(regions[valid])
             tokens = torch.cat(tokens)
             bootstrap_head(self.student["local_head"], tokens, generator=generator)
@@ -287,14 +276,6 @@ class GlareModel(nn.Module):
         torch._foreach_mul_(teacher, m)
         torch._foreach_add_(teacher, student, alpha=1.0 - m)
         return m
-
-
-def _map_regions(masks: torch.Tensor, geometry: tuple) -> torch.Tensor:
-    """Map (B, R, N) region masks into the other view's grid (nearest patch), region by region."""
-    b, r, n = masks.shape
-    box_src, flip_src, box_dst, flip_dst, *rest = geometry
-    per_region = (t.repeat_interleave(r, dim=0) for t in (box_src, flip_src, box_dst, flip_dst))
-    return map_patch_mask(masks.reshape(b * r, n), *per_region, *rest).reshape(b, r, n)
 
 
 def build_model(cfg: GlareConfig) -> GlareModel:
