@@ -14,11 +14,12 @@ import functools
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from glare.augment import ViewPair, distort_patches, make_views, region_queries, sample_regions
 from glare.config import ConfigError, GlareConfig
-from glare.losses import GlobalLoss, InterViewLocalLoss, PatchConsistencyLoss, RegionalLoss
+from glare.losses import CenteredCrossEntropy, GlobalLoss
 from glare.models.adapter import build_adapters
 from glare.models.bootstrap import bootstrap_head
 from glare.models.heads import DinoHead
@@ -74,8 +75,8 @@ class GlareModel(nn.Module):
 
         args = (lo.student_temp, lo.center_momentum)
         k, k_local = cfg.model.head.out_dim, cfg.model.local_head.out_dim
-        terms = {"glob": (GlobalLoss, k), "reg": (RegionalLoss, k_local), "loc1": (PatchConsistencyLoss, k_local),
-                 "loc2": (InterViewLocalLoss, k_local)}
+        terms = {"glob": (GlobalLoss, k), "reg": (CenteredCrossEntropy, k_local),
+                 "loc1": (CenteredCrossEntropy, k_local), "loc2": (CenteredCrossEntropy, k_local)}
         self.losses = nn.ModuleDict({name: cls(dim_k, *args) for name, (cls, dim_k) in terms.items()
                                      if getattr(lo, name) > 0})
 
@@ -140,13 +141,14 @@ class GlareModel(nn.Module):
         pair = views.pair(self.patch_size)  # view 1 -> view 2; pair.reverse() is view 2 -> view 1
         out: dict[str, torch.Tensor] = {}
 
-        if "glob" in self.losses:
-            out["glob"] = self.losses["glob"](
-                s.prefix[:, g].split(b), t.prefix[:, g].split(b),
-                self.student["head"], self.teacher["head"], teacher_temp)
-        if "reg" in self.losses:
-            out["reg"] = self.losses["reg"](*self._regions(s, t, b, pair),
-                                            self.student["local_head"], self.teacher["local_head"], teacher_temp)
+        # Each term is a function of logits: the student's heads run with gradient, the teacher's without.
+        if "glob" in self.losses:  # global tokens of views 1 and 2; the loss pairs each with the other view
+            out["glob"] = self.losses["glob"](self.student["head"](s.prefix[:, g]),
+                                              self._teacher_logits("head", t.prefix[:, g]), teacher_temp)
+        if "reg" in self.losses:  # a region of one view against its counterpart in the other
+            rep_s, rep_t, valid = self._regions(s, t, b, pair)
+            out["reg"] = self.losses["reg"](self.student["local_head"](rep_s[valid]),
+                                            self._teacher_logits("local_head", rep_t[valid]), teacher_temp)
         local: dict[str, torch.Tensor] = {}  # loss term -> (2B, N) patches of X~ it supervises
         if "loc1" in self.losses:
             local["loc1"] = mask
@@ -155,15 +157,21 @@ class GlareModel(nn.Module):
             c21, in21 = pair.reverse().match_patches()
             local["loc2"] = torch.cat([in12, in21])
         logits = self._student_local_logits(s.patches, local) if local else {}
-        if "loc1" in self.losses:
-            out["loc1"] = self.losses["loc1"](logits["loc1"], t.patches, mask, self.teacher["local_head"],
+        if "loc1" in self.losses:  # distorted patches of X~ against the same clean patches of X
+            out["loc1"] = self.losses["loc1"](logits["loc1"], self._teacher_logits("local_head", t.patches[mask]),
                                               teacher_temp)
-        if "loc2" in self.losses:
+        if "loc2" in self.losses:  # patches of X~ against the teacher's token of X' at the same scene point
             t1, t2 = t.patch_map().split(b)
-            out["loc2"] = self.losses["loc2"](logits["loc2"], torch.cat([t2, t1]), torch.cat([c12, c21]),
-                                              local["loc2"], self.teacher["local_head"], teacher_temp)
+            other = _tokens_at(torch.cat([t2, t1]), torch.cat([c12, c21]))[local["loc2"]]
+            out["loc2"] = self.losses["loc2"](logits["loc2"], self._teacher_logits("local_head", other),
+                                              teacher_temp)
         out["loss"] = sum(getattr(lo, name) * value for name, value in out.items())
         return out
+
+    @torch.no_grad()
+    def _teacher_logits(self, head: str, tokens: torch.Tensor) -> torch.Tensor:
+        """The teacher's ``head`` on ``tokens`` (M, D): targets, so no gradient."""
+        return self.teacher[head](tokens)
 
     def _student_local_logits(self, patches: torch.Tensor, selections: dict[str, torch.Tensor]
                               ) -> dict[str, torch.Tensor]:
@@ -276,6 +284,15 @@ class GlareModel(nn.Module):
         torch._foreach_mul_(teacher, m)
         torch._foreach_add_(teacher, student, alpha=1.0 - m)
         return m
+
+
+@torch.no_grad()
+def _tokens_at(token_map: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Tokens (B, N, D) read bilinearly from ``token_map`` (B, D, rows, cols) at ``coords`` (B, N, 2),
+    given in ``grid_sample``'s [-1, 1] convention (see :meth:`ViewPair.match_patches`)."""
+    sampled = F.grid_sample(token_map, coords.unsqueeze(2).to(token_map.dtype), mode="bilinear",
+                            align_corners=False)  # (B, D, N, 1)
+    return sampled.squeeze(-1).transpose(1, 2)
 
 
 def build_model(cfg: GlareConfig) -> GlareModel:
