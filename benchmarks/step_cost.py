@@ -44,6 +44,7 @@ from _common import (  # first: sets the offline/quiet environment before glare 
 from glare.augment import make_views
 from glare.config import ConfigError, GlareConfig, load_config
 from glare.engine.loop import build_optimizer, set_schedules, train_step
+from glare.engine.schedules import teacher_temp
 from glare.models.adapter import build_adapters
 from glare.models.glare import GlareModel, build_model
 from glare.models.vit import create_backbone, encode
@@ -156,7 +157,7 @@ def fwd_bwd_fn(cfg: GlareConfig, model: GlareModel, images: torch.Tensor) -> Cal
     """forward_backward alone (no clipping, optimiser or EMA); gradients are dropped after each call."""
 
     def run() -> None:
-        model.forward_backward(images, 0, amp=cfg.train.amp)
+        model.forward_backward(images, teacher_temp(cfg, 0), amp=cfg.train.amp)
         model.zero_grad(set_to_none=True)
 
     return run

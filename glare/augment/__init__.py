@@ -4,9 +4,10 @@ attention-guided regions. Everything is batched and runs on the tensors' device.
 from glare.augment.geometry import image_to_view, map_patch_mask, match_patches, patch_centres, view_to_image
 from glare.augment.patch import blur_patches, distort_patches
 from glare.augment.regions import region_queries, sample_regions
-from glare.augment.views import Views, box_overlap, make_views
+from glare.augment.views import ViewPair, Views, box_overlap, make_views
 
 __all__ = [
+    "ViewPair",
     "Views",
     "blur_patches",
     "box_overlap",

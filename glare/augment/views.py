@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import kornia.augmentation as K
@@ -19,6 +19,7 @@ import torch
 from kornia.geometry.transform import crop_and_resize
 from torch import Tensor, nn
 
+from glare.augment.geometry import map_patch_mask, match_patches
 from glare.config import AugmentConfig
 
 # Aspect-ratio range of the random resized crop (torchvision's / DINO's default).
@@ -45,6 +46,43 @@ class Views:
     box2: Tensor
     flip1: Tensor
     flip2: Tensor
+
+    def pair(self, patch: int) -> ViewPair:
+        """The crop geometry from view 1 to view 2 on a token grid of ``patch``-pixel patches."""
+        return ViewPair(self.box1, self.flip1, self.box2, self.flip2, self.x1.shape[-1], patch)
+
+
+@dataclass(frozen=True, eq=False)  # tensors have no truth value: compare fields, not pairs
+class ViewPair:
+    """How the patches of a source view ``a`` land in a destination view ``b`` of the same images.
+
+    Attributes:
+        box_a, box_b: crop boxes (B, 4) of the two views, in source-image pixels.
+        flip_a, flip_b: (B,) bool horizontal flips of the two views.
+        view_size: side S of both (square) views in pixels.
+        patch: side of a ViT patch in pixels (the token grid is ``S / patch`` square).
+    """
+
+    box_a: Tensor
+    flip_a: Tensor
+    box_b: Tensor
+    flip_b: Tensor
+    view_size: int
+    patch: int
+
+    def reverse(self) -> ViewPair:
+        """The same pair seen the other way: from view ``b`` to view ``a``."""
+        return replace(self, box_a=self.box_b, flip_a=self.flip_b, box_b=self.box_a, flip_b=self.flip_a)
+
+    def match_patches(self) -> tuple[Tensor, Tensor]:
+        """Where each patch centre of view ``a`` lies in view ``b`` (see :func:`~glare.augment.match_patches`)."""
+        return match_patches(self.box_a, self.flip_a, self.box_b, self.flip_b, self.view_size, self.patch)
+
+    def map_regions(self, masks: Tensor) -> Tensor:
+        """Map region masks (B, R, N) of view ``a`` onto view ``b``'s patches (nearest patch, region by region)."""
+        b, r, n = masks.shape
+        per_region = (t.repeat_interleave(r, dim=0) for t in (self.box_a, self.flip_a, self.box_b, self.flip_b))
+        return map_patch_mask(masks.reshape(b * r, n), *per_region, self.view_size, self.patch).reshape(b, r, n)
 
 
 def check_generator(generator: torch.Generator | None, device: torch.device) -> None:

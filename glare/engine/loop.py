@@ -22,7 +22,7 @@ from glare.config import GlareConfig, from_dict
 from glare.data.pretrain import shuffled_batches
 from glare.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from glare.engine.health import exploded, target_warnings
-from glare.engine.schedules import cosine, warmup_cosine
+from glare.engine.schedules import cosine, teacher_momentum, teacher_temp, warmup_cosine
 from glare.eval.linear_probe import ProbeResult
 from glare.models.glare import GlareModel, build_model
 
@@ -90,7 +90,7 @@ def train_step(model: GlareModel, runner: torch.nn.Module, optimizer: torch.opti
     trainable weights' norm before and after the update (``weight_norm_before``,
     ``weight_norm``), which :func:`glare.engine.health.exploded` judges.
     """
-    metrics = model.forward_backward(images, step, runner, amp=cfg.train.amp)
+    metrics = model.forward_backward(images, teacher_temp(cfg, step), runner, amp=cfg.train.amp)
     params = model.trainable_parameters()
     max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -99,7 +99,7 @@ def train_step(model: GlareModel, runner: torch.nn.Module, optimizer: torch.opti
         metrics["weight_norm_before"] = _norm(params)
         optimizer.step()
         metrics["weight_norm"] = _norm(params)
-        metrics["momentum"] = model.update_teacher(step)
+        metrics["momentum"] = model.update_teacher(teacher_momentum(cfg, step))
     optimizer.zero_grad(set_to_none=True)
     metrics["grad_norm"] = grad_norm
     return metrics, ok

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from glare.config import GlareConfig
+
 
 def cosine(step: int, total: int, start: float, end: float) -> float:
     """Cosine interpolation from ``start`` (step 0) to ``end`` (step ``total`` and after)."""
@@ -24,3 +26,15 @@ def linear_warmup(step: int, warmup: int, start: float, end: float) -> float:
     if warmup <= 0 or step >= warmup:
         return end
     return start + (end - start) * step / warmup
+
+
+def teacher_temp(cfg: GlareConfig, step: int) -> float:
+    """The teacher's softmax temperature at ``step``: a linear warm-up to ``loss.teacher_temp``."""
+    lo = cfg.loss
+    return linear_warmup(step, lo.teacher_temp_warmup_steps, lo.teacher_temp_start, lo.teacher_temp)
+
+
+def teacher_momentum(cfg: GlareConfig, step: int) -> float:
+    """The teacher's EMA momentum at ``step``: cosine from ``model.momentum_start`` to ``momentum_end``."""
+    m = cfg.model
+    return cosine(step, cfg.train.steps, m.momentum_start, m.momentum_end)

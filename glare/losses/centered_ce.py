@@ -28,6 +28,12 @@ class CenteredCrossEntropy(nn.Module):
         self.last_entropy = float("nan")
         self.last_sample_entropy = float("nan")
 
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """The loss of student and teacher logits (M, K) on matching rows; then the centre's EMA step."""
+        loss = self.cross_entropy(student, teacher, teacher_temp)
+        self.update_center(teacher)
+        return loss
+
     def cross_entropy(self, student: torch.Tensor, teacher: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """Mean cross-entropy over matching rows of (M, K) student and teacher logits."""
         if student.shape[0] == 0:

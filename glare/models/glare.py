@@ -2,7 +2,9 @@
 
 The train loop only calls :meth:`GlareModel.forward_backward` and
 :meth:`GlareModel.update_teacher`; everything the method does between an
-image batch and a gradient lives here.
+image batch and a gradient lives here. The loop owns every schedule: it
+passes the step's teacher temperature and EMA momentum in as values
+(see :mod:`glare.engine.schedules`), as DINOv2's ``SSLMetaArch`` does.
 """
 
 from __future__ import annotations
@@ -12,20 +14,12 @@ import functools
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from glare.augment import (
-    Views,
-    distort_patches,
-    make_views,
-    map_patch_mask,
-    match_patches,
-    region_queries,
-    sample_regions,
-)
+from glare.augment import ViewPair, distort_patches, make_views, region_queries, sample_regions
 from glare.config import ConfigError, GlareConfig
-from glare.engine.schedules import cosine, linear_warmup
-from glare.losses import GlobalLoss, InterViewLocalLoss, PatchConsistencyLoss, RegionalLoss
+from glare.losses import CenteredCrossEntropy, GlobalLoss
 from glare.models.adapter import build_adapters
 from glare.models.bootstrap import bootstrap_head
 from glare.models.heads import DinoHead
@@ -81,8 +75,8 @@ class GlareModel(nn.Module):
 
         args = (lo.student_temp, lo.center_momentum)
         k, k_local = cfg.model.head.out_dim, cfg.model.local_head.out_dim
-        terms = {"glob": (GlobalLoss, k), "reg": (RegionalLoss, k_local), "loc1": (PatchConsistencyLoss, k_local),
-                 "loc2": (InterViewLocalLoss, k_local)}
+        terms = {"glob": (GlobalLoss, k), "reg": (CenteredCrossEntropy, k_local),
+                 "loc1": (CenteredCrossEntropy, k_local), "loc2": (CenteredCrossEntropy, k_local)}
         self.losses = nn.ModuleDict({name: cls(dim_k, *args) for name, (cls, dim_k) in terms.items()
                                      if getattr(lo, name) > 0})
 
@@ -126,20 +120,12 @@ class GlareModel(nn.Module):
         """What the optimiser updates: the student's adapters, heads and cross-attention."""
         return [p for p in self.student.parameters() if p.requires_grad]
 
-    # ------------------------------------------------------------- schedules
-    def teacher_temp(self, step: int) -> float:
-        lo = self.cfg.loss
-        return linear_warmup(step, lo.teacher_temp_warmup_steps, lo.teacher_temp_start, lo.teacher_temp)
-
-    def momentum(self, step: int) -> float:
-        m = self.cfg.model
-        return cosine(step, self.cfg.train.steps, m.momentum_start, m.momentum_end)
-
     # ---------------------------------------------------------------- training
-    def forward(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, teacher_temp: float) -> dict[str, torch.Tensor]:
         """Views -> teacher (clean) and student (distorted) passes -> weighted loss terms.
 
-        ``images``: uint8 (B, 3, H, W) on the training device. Returns ``loss``
+        ``images``: uint8 (B, 3, H, W) on the training device; ``teacher_temp``: the
+        teacher's softmax temperature for this step. Returns ``loss``
         (the weighted total) and one entry per active term.
         """
         cfg, aug = self.cfg, self.cfg.augment
@@ -151,40 +137,41 @@ class GlareModel(nn.Module):
         with torch.no_grad():
             t = self.features(clean, "teacher", attention="reg" in self.losses)
         s = self.features(distorted, "student")
-        temp = self.teacher_temp(step)
         g = cfg.model.global_token
-        geometry, reverse = self._view_geometry(views)
+        pair = views.pair(self.patch_size)  # view 1 -> view 2; pair.reverse() is view 2 -> view 1
         out: dict[str, torch.Tensor] = {}
 
-        if "glob" in self.losses:
-            out["glob"] = self.losses["glob"](
-                s.prefix[:, g].split(b), t.prefix[:, g].split(b),
-                self.student["head"], self.teacher["head"], temp)
-        if "reg" in self.losses:
-            out["reg"] = self.losses["reg"](*self._regions(s, t, b, geometry, reverse),
-                                            self.student["local_head"], self.teacher["local_head"], temp)
+        # Each term is a function of logits: the student's heads run with gradient, the teacher's without.
+        if "glob" in self.losses:  # global tokens of views 1 and 2; the loss pairs each with the other view
+            out["glob"] = self.losses["glob"](self.student["head"](s.prefix[:, g]),
+                                              self._teacher_logits("head", t.prefix[:, g]), teacher_temp)
+        if "reg" in self.losses:  # a region of one view against its counterpart in the other
+            rep_s, rep_t, valid = self._regions(s, t, b, pair)
+            out["reg"] = self.losses["reg"](self.student["local_head"](rep_s[valid]),
+                                            self._teacher_logits("local_head", rep_t[valid]), teacher_temp)
         local: dict[str, torch.Tensor] = {}  # loss term -> (2B, N) patches of X~ it supervises
         if "loc1" in self.losses:
             local["loc1"] = mask
         if "loc2" in self.losses:
-            c12, in12 = match_patches(*geometry)
-            c21, in21 = match_patches(*reverse)
+            c12, in12 = pair.match_patches()
+            c21, in21 = pair.reverse().match_patches()
             local["loc2"] = torch.cat([in12, in21])
         logits = self._student_local_logits(s.patches, local) if local else {}
-        if "loc1" in self.losses:
-            out["loc1"] = self.losses["loc1"](logits["loc1"], t.patches, mask, self.teacher["local_head"], temp)
-        if "loc2" in self.losses:
+        if "loc1" in self.losses:  # distorted patches of X~ against the same clean patches of X
+            out["loc1"] = self.losses["loc1"](logits["loc1"], self._teacher_logits("local_head", t.patches[mask]),
+                                              teacher_temp)
+        if "loc2" in self.losses:  # patches of X~ against the teacher's token of X' at the same scene point
             t1, t2 = t.patch_map().split(b)
-            out["loc2"] = self.losses["loc2"](logits["loc2"], torch.cat([t2, t1]), torch.cat([c12, c21]),
-                                              local["loc2"], self.teacher["local_head"], temp)
+            other = _tokens_at(torch.cat([t2, t1]), torch.cat([c12, c21]))[local["loc2"]]
+            out["loc2"] = self.losses["loc2"](logits["loc2"], self._teacher_logits("local_head", other),
+                                              teacher_temp)
         out["loss"] = sum(getattr(lo, name) * value for name, value in out.items())
         return out
 
-    def _view_geometry(self, views: Views) -> tuple[tuple, tuple]:
-        """Crop geometry from view 1 to view 2 and back, as ``match_patches`` / ``_map_regions`` take it."""
-        size = self.cfg.augment.view_size
-        return ((views.box1, views.flip1, views.box2, views.flip2, size, self.patch_size),
-                (views.box2, views.flip2, views.box1, views.flip1, size, self.patch_size))
+    @torch.no_grad()
+    def _teacher_logits(self, head: str, tokens: torch.Tensor) -> torch.Tensor:
+        """The teacher's ``head`` on ``tokens`` (M, D): targets, so no gradient."""
+        return self.teacher[head](tokens)
 
     def _student_local_logits(self, patches: torch.Tensor, selections: dict[str, torch.Tensor]
                               ) -> dict[str, torch.Tensor]:
@@ -199,9 +186,12 @@ class GlareModel(nn.Module):
         row = union.flatten().cumsum(0) - 1  # each selected patch's row in `logits`
         return {name: logits[row[sel.flatten()]] for name, sel in selections.items()}
 
-    def _regions(self, s: Features, t: Features, b: int, geometry: tuple, reverse: tuple
+    def _regions(self, s: Features, t: Features, b: int, pair: ViewPair
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Student and teacher region representations (2B, R, D) for both view directions, and validity."""
+        """Student and teacher region representations (2B, R, D) for both view directions, and validity.
+
+        ``pair`` maps view 1 to view 2 (the first B rows of ``s`` and ``t`` are view 1).
+        """
         reg = self.cfg.region
         assert t.cls_attn is not None
         masks = sample_regions(t.cls_attn, reg.num_regions, reg.top_q)  # (2B, R, N): view 1 then view 2
@@ -215,7 +205,7 @@ class GlareModel(nn.Module):
             valid = torch.ones(masks.shape[:2], dtype=torch.bool, device=masks.device)
             return rep_s, rep_t, valid
         m1, m2 = masks.split(b)
-        mapped = torch.cat([_map_regions(m1, geometry), _map_regions(m2, reverse)])
+        mapped = torch.cat([pair.map_regions(m1), pair.reverse().map_regions(m2)])
         with torch.no_grad():
             rep_t = region_queries(t_other, mapped)
         return q_s, rep_t, mapped.any(dim=-1)
@@ -251,7 +241,7 @@ class GlareModel(nn.Module):
         if "local_head" in heads:
             tokens = [t.patches.flatten(0, 1)] if ("loc1" in self.losses or "loc2" in self.losses) else []
             if "reg" in self.losses:
-                _, regions, valid = self._regions(t, t, b, *self._view_geometry(views))
+                _, regions, valid = self._regions(t, t, b, views.pair(self.patch_size))
                 tokens.append(regions[valid])
             tokens = torch.cat(tokens)
             bootstrap_head(self.student["local_head"], tokens, generator=generator)
@@ -259,9 +249,12 @@ class GlareModel(nn.Module):
         self.teacher.load_state_dict(self.student.state_dict())
         return seen
 
-    def forward_backward(self, images: torch.Tensor, step: int, runner: nn.Module | None = None,
+    def forward_backward(self, images: torch.Tensor, teacher_temp: float, runner: nn.Module | None = None,
                          amp: bool = False) -> dict[str, float]:
         """One training forward and backward; returns the loss terms as floats.
+
+        ``teacher_temp`` is the step's teacher temperature
+        (:func:`glare.engine.schedules.teacher_temp`); it is also returned as a metric.
 
         ``runner`` is this model's DDP wrapper when distributed: calling the
         forward through it is what makes DDP all-reduce the gradients. The
@@ -271,18 +264,21 @@ class GlareModel(nn.Module):
         in bf16 autocast on CUDA (ignored elsewhere).
         """
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp and images.is_cuda):
-            out = (runner or self)(images, step)
+            out = (runner or self)(images, teacher_temp)
         out["loss"].backward()
         metrics = {name: float(value.detach()) for name, value in out.items()}
-        metrics["teacher_temp"] = self.teacher_temp(step)
+        metrics["teacher_temp"] = teacher_temp
         for name, term in self.losses.items():
             metrics.update(term.entropy_metrics(name))
         return metrics
 
     @torch.no_grad()
-    def update_teacher(self, step: int) -> float:
-        """EMA of the student into the teacher with the step's momentum; returns it."""
-        m = self.momentum(step)
+    def update_teacher(self, momentum: float) -> float:
+        """EMA of the student into the teacher: ``teacher <- m * teacher + (1 - m) * student``; returns ``m``.
+
+        ``momentum`` is the step's value (:func:`glare.engine.schedules.teacher_momentum`).
+        """
+        m = momentum
         student = [p.detach() for p in self.student.parameters()]
         teacher = [p for p in self.teacher.parameters()]
         torch._foreach_mul_(teacher, m)
@@ -290,12 +286,13 @@ class GlareModel(nn.Module):
         return m
 
 
-def _map_regions(masks: torch.Tensor, geometry: tuple) -> torch.Tensor:
-    """Map (B, R, N) region masks into the other view's grid (nearest patch), region by region."""
-    b, r, n = masks.shape
-    box_src, flip_src, box_dst, flip_dst, *rest = geometry
-    per_region = (t.repeat_interleave(r, dim=0) for t in (box_src, flip_src, box_dst, flip_dst))
-    return map_patch_mask(masks.reshape(b * r, n), *per_region, *rest).reshape(b, r, n)
+@torch.no_grad()
+def _tokens_at(token_map: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Tokens (B, N, D) read bilinearly from ``token_map`` (B, D, rows, cols) at ``coords`` (B, N, 2),
+    given in ``grid_sample``'s [-1, 1] convention (see :meth:`ViewPair.match_patches`)."""
+    sampled = F.grid_sample(token_map, coords.unsqueeze(2).to(token_map.dtype), mode="bilinear",
+                            align_corners=False)  # (B, D, N, 1)
+    return sampled.squeeze(-1).transpose(1, 2)
 
 
 def build_model(cfg: GlareConfig) -> GlareModel:

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from glare.augment.geometry import image_to_view, map_patch_mask, match_patches, patch_centres, view_to_image
+from glare.augment.views import ViewPair
 
 S, P, G = 64, 16, 4  # view side, patch, grid: 4 x 4 tokens
 BOX = torch.tensor([[10.0, 20.0, 138.0, 148.0]])  # 128 px square: 2 source px per view px, 32 per patch
@@ -104,3 +105,22 @@ def test_bad_sizes_raise():
         match_patches(BOX, NO, BOX, NO, 60, 16)
     with pytest.raises(ValueError, match="mask_src must be"):
         map_patch_mask(torch.zeros(1, 9, dtype=torch.bool), BOX, NO, BOX, NO, S, P)
+
+
+def test_view_pair_maps_regions_from_a_to_b_and_back():
+    quarter = torch.tensor([[10.0, 20.0, 74.0, 84.0]])  # the top-left quarter of BOX: 1 source px per view px
+    pair = ViewPair(BOX, NO, quarter, NO, S, P)
+    masks = torch.zeros(1, 2, G * G, dtype=torch.bool)
+    masks[0, 0, 0] = True  # a's top-left patch covers b's top-left 2 x 2 patches
+    masks[0, 1, 15] = True  # a's bottom-right patch lies outside b
+    mapped = pair.map_regions(masks)
+    assert mapped[0, 0].nonzero().flatten().tolist() == [0, 1, 4, 5]
+    assert not mapped[0, 1].any()
+    back = pair.reverse().map_regions(mapped[:, :1])
+    assert back[0, 0].nonzero().flatten().tolist() == [0]
+    _, inside = pair.match_patches()
+    assert inside[0].nonzero().flatten().tolist() == [0, 1, 4, 5]  # a's patches whose centre lies in b
+    _, inside = pair.reverse().match_patches()
+    assert inside.all()  # all of b lies in a
+    twice = pair.reverse().reverse()
+    assert twice.box_a is BOX and twice.box_b is quarter

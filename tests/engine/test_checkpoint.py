@@ -9,6 +9,7 @@ import torch
 
 from glare.engine.checkpoint import STATE_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from glare.engine.loop import LoopState, build_optimizer, load_model_state, model_state, set_schedules
+from glare.engine.schedules import teacher_momentum, teacher_temp
 from glare.models import build_model
 
 
@@ -18,10 +19,10 @@ def _trained(cfg, steps: int):
     opt = build_optimizer(model, cfg, world_size=1)
     for step in range(steps):
         set_schedules(opt, cfg, step, world_size=1)
-        model.forward_backward(torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8), step=step)
+        model.forward_backward(torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8), teacher_temp(cfg, step))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        model.update_teacher(step)
+        model.update_teacher(teacher_momentum(cfg, step))
     return model, opt
 
 
@@ -51,7 +52,7 @@ def test_round_trip_restores_training_exactly(tiny_cfg, tmp_path):
     for m, o in ((model, opt), (fresh, fresh_opt)):
         torch.manual_seed(5)
         set_schedules(o, cfg, 2, world_size=1)
-        m.forward_backward(torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8), step=2)
+        m.forward_backward(torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8), teacher_temp(cfg, 2))
         o.step()
     for key, value in model.student.state_dict().items():
         assert torch.equal(fresh.student.state_dict()[key], value), key

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from glare.engine.loop import build_optimizer, set_schedules
+from glare.engine.schedules import teacher_momentum, teacher_temp
 from glare.models import build_model
 
 
@@ -40,9 +41,9 @@ def test_zero_head_scale_freezes_the_heads(tiny_cfg):
     before = {k: v.clone() for k, v in model.state_dict().items() if "head" in k}
     opt = build_optimizer(model, cfg, world_size=1)
     set_schedules(opt, cfg, step=5, world_size=1)
-    model.forward_backward(torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8), step=5)
+    model.forward_backward(torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8), teacher_temp(cfg, 5))
     opt.step()
-    model.update_teacher(5)
+    model.update_teacher(teacher_momentum(cfg, 5))
     after = model.state_dict()
     assert all(torch.allclose(before[k], after[k]) for k in before)  # student and teacher heads held
     ups = [a.up.weight for a in model.student["adapters"].values()]

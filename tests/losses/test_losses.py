@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 import glare.models.glare as glare_module
 import glare.models.vit as vit_module
 from glare.augment.geometry import patch_centres, view_to_image
+from glare.engine.schedules import teacher_momentum, teacher_temp
 from glare.losses import CenteredCrossEntropy
 from glare.models import GlareModel, create_backbone
 
@@ -33,7 +34,7 @@ def _images(n: int = 4, seed: int = 0) -> torch.Tensor:
 def test_each_term_trains_adapters_and_never_the_backbone(tiny_cfg, term):
     only = [f"loss.{t}={1.0 if t == term else 0.0}" for t in TERMS]
     model = _model(tiny_cfg(*only))
-    out = model.forward_backward(_images(), step=0)
+    out = model.forward_backward(_images(), teacher_temp(model.cfg, 0))
     assert set(out) >= {term, "loss"} and not (set(TERMS) - {term}) & set(out)
     assert out["loss"] == pytest.approx(out[term])  # the only term, at weight 1
     assert all(p.grad is None for p in model.backbone.parameters())
@@ -55,7 +56,7 @@ def _assert_gradient_lowers(model: GlareModel, term: str, seed: int = 3) -> None
         model.losses.load_state_dict(centres)
         model.student.zero_grad(set_to_none=True)
         torch.manual_seed(seed)
-        out = model.forward_backward(_images(), step=0)
+        out = model.forward_backward(_images(), teacher_temp(model.cfg, 0))
         return out[term], [p.grad.clone() for p in params]
 
     params = [p for p in model.student["adapters"].parameters() if p.requires_grad]
@@ -84,7 +85,7 @@ def test_geometric_regions_train_without_cross_attention(tiny_cfg, monkeypatch):
 
     monkeypatch.setattr(glare_module, "make_views", recording(glare_module.make_views, "views"))
     monkeypatch.setattr(glare_module, "region_queries", recording(glare_module.region_queries, "queries"))
-    out = model.forward_backward(_images(), step=0)
+    out = model.forward_backward(_images(), teacher_temp(model.cfg, 0))
     assert out["loss"] == pytest.approx(out["reg"])
     assert model.student["adapters"]["0"].up.weight.grad.abs().sum() > 0
     # The teacher's side of each region is pooled over the patches of the OTHER view that show it.
@@ -122,11 +123,11 @@ def test_zero_weight_terms_are_not_computed(tiny_cfg, monkeypatch):
     model = _model(tiny_cfg("loss.reg=0"))
     model.student["local_head"].register_forward_hook(lambda *a: calls.__setitem__("local_head",
                                                                                  calls["local_head"] + 1))
-    model.forward_backward(_images(), step=0)
+    model.forward_backward(_images(), teacher_temp(model.cfg, 0))
     assert calls == {"attention": 0, "local_head": 1}  # one student local-head pass serves loc1 and loc2
     model = _model(tiny_cfg("loss.loc1=0", "loss.loc2=0"))
     assert "local_head" in model.student  # regions are pooled patch tokens: L_reg reads the patch-level head
-    model.forward_backward(_images(), step=0)
+    model.forward_backward(_images(), teacher_temp(model.cfg, 0))
     assert calls["attention"] == 1  # regions need the teacher's attention once per step
     model = _model(tiny_cfg("loss.reg=0", "loss.loc1=0", "loss.loc2=0"))
     assert set(model.student) == {"adapters", "head"}  # DINO-only: the global head and nothing else
@@ -194,10 +195,10 @@ def _real_weights_run(natural_images, steps: int, *overrides: str) -> list[dict[
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=0.03 * 8 / 256)
     history = []
     for step in range(steps):
-        history.append(model.forward_backward(images, step))
+        history.append(model.forward_backward(images, teacher_temp(cfg, step)))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        model.update_teacher(step)
+        model.update_teacher(teacher_momentum(cfg, step))
     return history
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from glare.config import ConfigError, load_config
+from glare.engine.schedules import teacher_momentum, teacher_temp
 from glare.models import AdaptedViT, GlareModel, UniAdapter, create_backbone
 
 
@@ -87,12 +88,12 @@ def test_one_step_keeps_backbone_and_moves_teacher_by_ema(tiny_cfg):
     teacher0 = [p.clone() for p in model.teacher.parameters()]
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
     images = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8)
-    model.forward_backward(images, step=0)
+    model.forward_backward(images, teacher_temp(model.cfg, 0))
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert all(g is not None for g in grads.values()), "a trainable parameter got no gradient"
     assert all(p.grad is None for p in model.backbone.parameters())
     opt.step()
-    m = model.update_teacher(step=0)
+    m = model.update_teacher(teacher_momentum(model.cfg, 0))
     assert m == pytest.approx(model.cfg.model.momentum_start)
     for k, v in model.backbone.state_dict().items():
         assert torch.equal(v, backbone0[k]), k
@@ -109,7 +110,7 @@ def test_adapters_from_a_later_block_train_and_export(tiny_cfg, tmp_path):
     assert list(model.student["adapters"]) == ["1"]  # keyed by block: block 0 has none
     graph = []
     hook = model.backbone.blocks[0].mlp.register_forward_hook(lambda m, i, o: graph.append(o.requires_grad))
-    model.forward_backward(torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8), step=0)
+    model.forward_backward(torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8), teacher_temp(model.cfg, 0))
     hook.remove()
     assert graph == [False, False]  # teacher and student: nothing below the first adapter is kept for a backward
     assert model.student["adapters"]["1"].up.weight.grad.abs().sum() > 0
@@ -125,10 +126,10 @@ def test_adapters_from_a_later_block_train_and_export(tiny_cfg, tmp_path):
 
 
 def test_momentum_schedule_is_cosine_to_one(tiny_cfg):
-    model = _model(tiny_cfg("train.steps=100"))
-    assert model.momentum(0) == pytest.approx(0.996)
-    assert model.momentum(50) == pytest.approx(0.998)
-    assert model.momentum(100) == pytest.approx(1.0)
+    cfg = tiny_cfg("train.steps=100")
+    assert teacher_momentum(cfg, 0) == pytest.approx(0.996)
+    assert teacher_momentum(cfg, 50) == pytest.approx(0.998)
+    assert teacher_momentum(cfg, 100) == pytest.approx(1.0)
 
 
 def test_vit_small_trainable_share_below_3_percent():
@@ -178,7 +179,7 @@ def test_two_class_tokens_and_registers(tiny_cfg):
 
     model.features = recording
     model.student["head"].register_forward_hook(lambda module, args, out: head_inputs.append(args[0].detach()))
-    model.forward_backward(torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8), step=0)
+    model.forward_backward(torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8), teacher_temp(model.cfg, 0))
     (s,) = student_features
     read = torch.cat(head_inputs)
     assert torch.equal(read, s.prefix[:, 1].detach()) and not torch.allclose(read, s.prefix[:, 0].detach())
@@ -205,9 +206,9 @@ def test_full_finetuning_baseline_trains_the_whole_student(tiny_cfg):
     assert not any(p.requires_grad for p in model.teacher.parameters())
     before = model.teacher["backbone"].patch_embed.proj.weight.clone()
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-    model.forward_backward(torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8), step=0)
+    model.forward_backward(torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8), teacher_temp(model.cfg, 0))
     opt.step()
-    m = model.update_teacher(0)
+    m = model.update_teacher(teacher_momentum(model.cfg, 0))
     after = model.teacher["backbone"].patch_embed.proj.weight
     assert torch.allclose(after, m * before + (1 - m) * model.student["backbone"].patch_embed.proj.weight)
     exported = model.export()
