@@ -73,6 +73,19 @@ def pretrain_data(cfg: GlareConfig):
     return open_pretrain_data(source, cfg.data.base_size, cfg.data.image_column, materialize=cfg.data.materialize)
 
 
+def ordered_ingest() -> Any:
+    """Ray Train's data config with Ray's default ingest options, but blocks kept in order.
+
+    The workers' shards then reach them in the same order on every run, so the seeded shuffle
+    (``data.shuffle_buffer``) makes a run repeatable.
+    """
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options=options)
+
+
 def worker_resources(cfg: GlareConfig) -> dict[str, float]:
     """What each training worker asks Ray for (one bundle of the run's placement group)."""
     return {"CPU": cfg.ray.cpus_per_worker, **({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {})}
@@ -178,6 +191,7 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = (), verbose: bool = False, 
             callbacks=list(callbacks),
         ),
         datasets={"train": data.dataset},
+        dataset_config=ordered_ingest(),
     )
     try:
         if verbose:  # the workers' own lines reach the console

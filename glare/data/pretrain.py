@@ -258,6 +258,9 @@ def open_pretrain_data(
         raise DataError(f"base_size must be >= 1, got {base_size}")
     if not ray.is_initialized():
         ray.init()
+    # Blocks in file order, not in the order their tasks finish: with it a seeded run sees the same
+    # images in the same batches every time (without it two runs of one seed differed by ~0.5 mIoU).
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     skip_log = _SkipLog.options(name=SKIP_LOG_NAME, get_if_exists=True).remote()
     # A non-detached actor lives only while the handle that *created* it does; copies inside the
     # lazy plan and handles from later `get_if_exists` calls do not count. Keep every handle (they
