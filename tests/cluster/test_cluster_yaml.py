@@ -215,7 +215,7 @@ def fits(request: dict[str, float], resources: dict[str, float]) -> bool:
 
 def unschedulable(prepared: Config, cfg: Any) -> list[str]:
     """What GLARE's training (``cfg``) and the sweep would ask for that no node type of ``prepared`` holds."""
-    from glare.train import worker_resources
+    from glare.engine.driver import worker_resources
     from tune.space import SweepConfig
 
     types = schedulable_types(prepared)

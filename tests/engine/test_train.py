@@ -50,7 +50,7 @@ def _logged_steps(run_dir: Path) -> list[int]:
 
 
 def test_two_workers_end_to_end(ray_local, tmp_path, capsys):
-    from glare.train import run
+    from glare.engine.driver import run
 
     cfg = _cfg(tmp_path, "ray.num_workers=2", "train.run_name=e2e")
     summary = run(cfg)
@@ -97,7 +97,7 @@ def test_two_workers_end_to_end(ray_local, tmp_path, capsys):
 
 
 def test_same_name_resumes_fresh_name_starts_over(ray_local, tmp_path):
-    from glare.train import run
+    from glare.engine.driver import run
 
     run(_cfg(tmp_path, "train.run_name=r", "train.steps=3", "train.log_every=1"))
     summary = run(_cfg(tmp_path, "train.run_name=r", "train.steps=6", "train.log_every=1"))
@@ -130,7 +130,7 @@ def _train_worker_pids(ray_temp_dir: str) -> list[int]:
 
 
 def test_killed_worker_restarts_from_last_checkpoint(ray_local, tmp_path):
-    from glare.train import run
+    from glare.engine.driver import run
 
     # An interval long enough in time (30 steps of 0.05-0.3 s) for the kill to land mid-interval and
     # well after the controller has registered the interval's checkpoint, on an idle or a busy machine.
@@ -176,7 +176,7 @@ def _trainable_norm(state: dict) -> float:
 
 
 def test_exploded_update_stops_the_resumed_run_and_keeps_the_last_good_checkpoint(ray_local, tmp_path):
-    from glare.train import run
+    from glare.engine.driver import run
 
     run_dir = tmp_path / "nan"
     first = run(_cfg(tmp_path, "train.run_name=nan", "train.steps=3", "train.log_every=1"))

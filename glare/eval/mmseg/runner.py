@@ -79,9 +79,9 @@ def _set_data_root(cfg: Config, data_root: str | Path | None) -> None:
     datasets = _leaf_datasets(cfg)
     if data_root is None and any(ds.get("type") == _MOSAIC_DATASET for ds in datasets):
         from glare.config import MosaicConfig
-        from glare.data.mosaic import ensure_mosaic
+        from glare.data.sources import embedded_root
 
-        data_root = ensure_mosaic(MosaicConfig())
+        data_root = embedded_root(MosaicConfig())
     for ds in datasets:
         if data_root is not None:
             ds.data_root = str(data_root)
