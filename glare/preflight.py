@@ -17,8 +17,12 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from glare.config import ConfigError, GlareConfig
+
+if TYPE_CHECKING:
+    import torch
 
 # How many of a local source's images are tried: one that decodes is enough to start.
 _DECODE_SAMPLE = 16
@@ -40,15 +44,14 @@ def check_weights_file(weights: str) -> None:
         raise WeightsError(f"config key 'model.weights': {err}") from None
 
 
-def check_model(cfg: GlareConfig) -> None:
-    """Build the whole GLARE model on the meta device (every check its constructor makes) and check the weights."""
+def check_model_rules(cfg: GlareConfig) -> torch.nn.Module:
+    """Build the whole GLARE model on the meta device (no memory, no weights): every check its constructor
+    makes, i.e. the rules only a model knows (regions vs heads, ...). Returns the (meta) backbone."""
     import torch
 
     from glare.models.glare import GlareModel
     from glare.models.vit import create_backbone
-    from glare.weights.loading import WeightsError, read_backbone
 
-    weights = cfg.model.weights
     try:
         with torch.device("meta"):
             backbone = create_backbone(cfg.model)
@@ -57,6 +60,15 @@ def check_model(cfg: GlareConfig) -> None:
         raise
     except ValueError as err:  # create_backbone: an arch or timm_kwargs timm cannot build
         raise ConfigError(f"config key 'model.arch': {err}") from None
+    return backbone
+
+
+def check_model(cfg: GlareConfig) -> None:
+    """:func:`check_model_rules`, then the weights file fits the architecture."""
+    from glare.weights.loading import WeightsError, read_backbone
+
+    weights = cfg.model.weights
+    backbone = check_model_rules(cfg)
     if weights in ("none", "imgfocus", "timm"):
         return  # imgfocus is checked by the caller (installed or not); timm's hub weights need the network
     check_weights_file(weights)

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from glare.config import CONFIG_DIR, ConfigError, GlareConfig, from_dict, load_config, to_dict
+from glare.preflight import check_model_rules
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 RANGE_FIELDS = ("low", "high", "log", "step", "choices")
@@ -206,65 +207,34 @@ def validate_sweep(sweep: SweepConfig) -> None:
         _check(rng.step is None or (rng.step > 0 and not rng.log), where, "step must be > 0, and not with log")
 
 
+_ABSENT = object()
+
+
 def get_value(cfg: GlareConfig, key: str) -> Any:
     """The value at a dot-key of ``cfg``; an integer part indexes a pair or list."""
-    node: Any = cfg
-    for part in key.split("."):
-        if isinstance(node, (tuple, list)) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        elif not isinstance(node, (tuple, list, dict)) and hasattr(node, part):
-            node = getattr(node, part)
-        else:
-            raise SweepConfigError(f"space key {key!r} is not a config key (no {part!r})")
-    return node
-
-
-def _set_value(data: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node: Any = data
-    for part in parents:
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    if isinstance(node, list):
-        node[int(leaf)] = value
-    else:
-        node[leaf] = value
-
-
-def _as_lists(data: Any) -> Any:
-    # Pairs are tuples in the dataclasses; lists let one end be replaced in place.
-    if isinstance(data, dict):
-        return {k: _as_lists(v) for k, v in data.items()}
-    if isinstance(data, (tuple, list)):
-        return [_as_lists(v) for v in data]
-    return data
+    conf = OmegaConf.create(to_dict(cfg))
+    value = OmegaConf.select(conf, key, default=_ABSENT)
+    if value is _ABSENT:
+        parts = key.split(".")
+        missing = next(p for i, p in enumerate(parts)
+                       if OmegaConf.select(conf, ".".join(parts[: i + 1]), default=_ABSENT) is _ABSENT)
+        raise SweepConfigError(f"space key {key!r} is not a config key (no {missing!r})")
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def apply_point(cfg: GlareConfig, point: dict[str, Any]) -> GlareConfig:
     """A validated copy of ``cfg`` with the point's dot-keys set (raises :class:`ConfigError`)."""
-    data = _as_lists(to_dict(cfg))
+    conf = OmegaConf.create(to_dict(cfg))  # pairs become lists, so one end can be replaced in place
     for key, value in point.items():
         get_value(cfg, key)  # names the key if it does not exist
-        _set_value(data, key, value)
-    return from_dict(data)
-
-
-def check_model(cfg: GlareConfig) -> None:
-    """Build the model on the meta device (no memory, no weights): the rules only a model knows, e.g. heads."""
-    import torch
-
-    from glare.models.glare import GlareModel
-    from glare.models.vit import create_backbone
-
-    with torch.device("meta"):
-        GlareModel(cfg, create_backbone(cfg.model))
+        OmegaConf.update(conf, key, value, merge=False)
+    return from_dict(OmegaConf.to_container(conf))
 
 
 def trial_config(base: GlareConfig, point: dict[str, Any]) -> GlareConfig:
     """The config one trial trains: ``base`` with ``point`` applied, checked down to the model (ConfigError)."""
     cfg = apply_point(base, point)
-    check_model(cfg)
+    check_model_rules(cfg)
     return cfg
 
 

@@ -24,7 +24,7 @@ from glare.models.adapter import build_adapters
 from glare.models.bootstrap import bootstrap_head
 from glare.models.heads import DinoHead
 from glare.models.region_attention import RegionCrossAttention
-from glare.models.vit import AdaptedViT, Features, create_backbone, encode
+from glare.models.vit import AdaptedViT, Features, create_backbone, dense_of_last_blocks, encode
 
 Branch = Literal["student", "teacher"]
 
@@ -101,8 +101,8 @@ class GlareModel(nn.Module):
     def dense_features(self, images: torch.Tensor, last_blocks: int = 1, branch: Branch = "student"
                        ) -> torch.Tensor:
         """Patch features of the last ``last_blocks`` blocks, concatenated: (B, C, rows, cols)."""
-        depth = len(self.backbone.blocks)
-        return self.features(images, branch, blocks=tuple(range(depth - last_blocks, depth))).dense()
+        return dense_of_last_blocks(functools.partial(self.features, images, branch), len(self.backbone.blocks),
+                                    last_blocks)
 
     def export(self, branch: Branch = "student") -> AdaptedViT:
         """A standalone adapted ViT (backbone + one adapter set; heads and cross-attention dropped).

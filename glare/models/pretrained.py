@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from glare.config import ModelConfig
+from glare.config import AdapterConfig, ModelConfig
 from glare.models.vit import AdaptedViT, create_backbone
 from glare.weights.export import (
     ExportError,
@@ -56,3 +56,22 @@ def load_encoder(weights: str | Path, model_cfg: ModelConfig | None = None, devi
     if cfg.weights != "none":
         load_backbone(vit, cfg.weights)
     return AdaptedViT(vit, adapter_cfg=cfg.adapter).to(device).eval()
+
+
+def encoder_config(arch: str, img_size: int, timm_kwargs: dict | None, adapter: dict | None,
+                   weights: str | None) -> ModelConfig:
+    """The architecture of the adapted ViT to build: the export's own when ``weights`` is one of our
+    exports, else ``arch`` (for an init spec such as "imgfocus", a foreign checkpoint, or None: random).
+
+    For an export, ``timm_kwargs`` are laid over the export's (for fine-tuning settings such as
+    ``drop_path_rate``); ``arch``, ``img_size`` and ``adapter`` come from the export.
+    """
+    cfg = export_model_config(weights) if weights is not None else None
+    if cfg is not None:
+        return dataclasses.replace(cfg, weights=str(weights), timm_kwargs={**cfg.timm_kwargs, **(timm_kwargs or {})})
+    try:
+        adapter_cfg = AdapterConfig(**(adapter or {}))
+    except TypeError as err:
+        raise ValueError(f"adapter={adapter!r} is not a valid AdapterConfig: {err}") from None
+    return ModelConfig(arch=arch, weights=str(weights or "none"), img_size=img_size,
+                       timm_kwargs=dict(timm_kwargs or {}), adapter=adapter_cfg)

@@ -8,11 +8,13 @@ into) calls it with its own.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from glare.config import AdapterConfig, ModelConfig
@@ -130,6 +132,45 @@ def encode(
                     hidden=hidden if blocks else None)
 
 
+def dense_of_last_blocks(features: Callable[..., Features], depth: int, last_blocks: int) -> torch.Tensor:
+    """Patch features of the last ``last_blocks`` of ``depth`` blocks, concatenated, as (B, C, rows, cols).
+
+    ``features`` takes ``blocks=`` (an :func:`encode` bound to a model and its images).
+    """
+    return features(blocks=tuple(range(depth - last_blocks, depth))).dense()
+
+
+def block_indices(out_indices: Sequence[int], depth: int) -> tuple[int, ...]:
+    """``out_indices`` as increasing non-negative block indices (encode returns blocks in network order)."""
+    blocks = tuple(i + depth if i < 0 else i for i in out_indices)
+    if not blocks or any(not 0 <= b < depth for b in blocks) or list(blocks) != sorted(set(blocks)):
+        raise ValueError(f"out_indices={tuple(out_indices)} must be increasing block indices of a "
+                         f"{depth}-block ViT (e.g. {tuple(range(depth))[-4:]})")
+    return blocks
+
+
+def multi_level_maps(vit: nn.Module, adapters: Mapping[str, nn.Module] | None, images: torch.Tensor,
+                     blocks: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """(B, D, rows, cols) maps of ``blocks`` for RGB images in [0, 1] of any size (a dense head's input).
+
+    Sides that are not a multiple of the patch size are resized to the nearest multiple (not
+    cropped), so the patch grid covers the whole image, the extent a head upsamples logits back to.
+    """
+    p = patch_size(vit)
+    h, w = images.shape[-2:]
+    if h % p or w % p:
+        size = (max(p, round(h / p) * p), max(p, round(w / p) * p))
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    feats = encode(vit, adapters, images, blocks=blocks)
+    return tuple(feats.patch_map(t) for t in feats.hidden)
+
+
+def patch_size(vit: nn.Module) -> int:
+    """The side of a timm ViT's square patches."""
+    ps = vit.patch_embed.patch_size
+    return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+
+
 class AdaptedViT(nn.Module):
     """A timm ViT with a UniAdapter per block (from ``first_block``): what GLARE exports and evaluates.
 
@@ -147,8 +188,7 @@ class AdaptedViT(nn.Module):
 
     @property
     def patch_size(self) -> int:
-        ps = self.vit.patch_embed.patch_size
-        return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+        return patch_size(self.vit)
 
     @property
     def embed_dim(self) -> int:
@@ -173,6 +213,5 @@ class AdaptedViT(nn.Module):
 
     def dense_features(self, images: torch.Tensor, last_blocks: int = 1) -> torch.Tensor:
         """Patch features of the last ``last_blocks`` blocks, concatenated, as (B, C, rows, cols)."""
-        depth = len(self.vit.blocks)
-        return self.features(images, blocks=tuple(range(depth - last_blocks, depth))).dense()
+        return dense_of_last_blocks(functools.partial(self.features, images), len(self.vit.blocks), last_blocks)
 

@@ -25,7 +25,10 @@ from safetensors.torch import save_file
 from glare.config import AdapterConfig, ModelConfig
 
 FORMAT = "glare-export-v1"
-_ADAPTER_KEY = re.compile(r"^blocks\.(\d+)\.adapter\.(.+)$")
+# An adapter's parameter in a state dict, as ``<block>.<name>`` groups: the export layout (the timm block
+# keeps its adapter) and the training / AdaptedViT layout (an ``adapters`` ModuleDict beside the ViT).
+EXPORT_ADAPTER_KEY = re.compile(r"blocks\.(\d+)\.adapter\.(.+)")
+ADAPTER_KEYS = (EXPORT_ADAPTER_KEY, re.compile(r"adapters\.(\d+)\.(.+)"))
 
 
 class ExportError(ValueError):
@@ -45,7 +48,7 @@ def split_adapter_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
     """Split an export's state into (backbone state, adapter ModuleList state ``{i}.{name}``)."""
     backbone, adapters = {}, {}
     for key, value in state.items():
-        m = _ADAPTER_KEY.match(key)
+        m = EXPORT_ADAPTER_KEY.fullmatch(key)
         if m:
             adapters[f"{m.group(1)}.{m.group(2)}"] = value
         else:

@@ -49,6 +49,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from glare.weight_formats import WeightsError, sniff_weights_file
+from glare.weights.export import ADAPTER_KEYS
 from glare.weights.imgfocus import imgfocus_weights
 
 
@@ -77,7 +78,6 @@ _WRAPPERS = ("model", "state_dict", "module")
 _BRANCHES = ("teacher", "student")
 _HEAD_PREFIXES = ("head.", "dino_head.")
 _CLASSIFIER = ("head.weight", "head.bias")
-_ADAPTER_KEYS = (re.compile(r"blocks\.(\d+)\.adapter\.(.+)"), re.compile(r"adapters\.(\d+)\.(.+)"))
 # DINOv2's SwiGLU names (giant) to timm's.
 _RENAMES = (
     (re.compile(r"(blocks\.\d+\.mlp)\.w12\."), r"\1.fc1."),
@@ -157,7 +157,7 @@ def _classify(key: str, prefix: str, model_keys: set[str] | None) -> tuple[str, 
     """Which part of a :class:`RemappedCheckpoint` ``key`` belongs to, and its name there."""
     rel = key[len(prefix):] if key.startswith(prefix) else None
     for candidate in filter(None, (rel, key)):
-        for pattern in _ADAPTER_KEYS:
+        for pattern in ADAPTER_KEYS:
             m = pattern.fullmatch(candidate)
             if m:
                 return "adapters", f"{m.group(1)}.{m.group(2)}"
@@ -298,7 +298,7 @@ def check_fit(vit: nn.Module, backbone: dict[str, Tensor], source: str = "checkp
     adapters are loaded separately by the caller.
     """
     model_state = vit.state_dict()
-    expected = {k for k in model_state if not any(p.fullmatch(k) for p in _ADAPTER_KEYS)}
+    expected = {k for k in model_state if not any(p.fullmatch(k) for p in ADAPTER_KEYS)}
     missing = sorted(expected - backbone.keys())
     unexpected = sorted(backbone.keys() - expected)
     mismatched = sorted(f"{k} {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"

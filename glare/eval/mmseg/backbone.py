@@ -9,58 +9,29 @@ doubly-normalised images.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from mmengine.model import BaseModule
 from mmengine.optim import DefaultOptimWrapperConstructor
 from mmseg.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
 
-from glare.config import AdapterConfig, ModelConfig
-from glare.models.adapter import build_adapters
-from glare.models.pretrained import load_encoder
-from glare.models.vit import create_backbone, encode
-from glare.weights.export import export_metadata, model_config_from_meta
+from glare.models.pretrained import encoder_config, load_encoder
+from glare.models.vit import AdaptedViT, block_indices, create_backbone, multi_level_maps, patch_size
 
 # Weights sources that are not files (see glare.weights.loading.load_backbone).
 _NO_WEIGHTS = "none"
 
 
-def backbone_model_config(arch: str, img_size: int, timm_kwargs: dict | None, adapter: dict | None,
-                          checkpoint: str | None) -> ModelConfig:
-    """The architecture GlareViT builds: the export's own when ``checkpoint`` is a GLARE export, else ``arch``.
-
-    For an export, ``timm_kwargs`` are laid over the export's (for fine-tuning settings such as
-    ``drop_path_rate``); ``arch``, ``img_size`` and ``adapter`` come from the export.
-    """
-    meta = export_metadata(checkpoint)
-    if meta is not None:
-        cfg = model_config_from_meta(meta)
-        return dataclasses.replace(cfg, weights=str(checkpoint), timm_kwargs={**cfg.timm_kwargs, **(timm_kwargs or {})})
-    try:
-        adapter_cfg = AdapterConfig(**(adapter or {}))
-    except TypeError as err:
-        raise ValueError(f"GlareViT adapter={adapter!r} is not a valid AdapterConfig: {err}") from None
-    return ModelConfig(arch=arch, weights=str(checkpoint or _NO_WEIGHTS), img_size=img_size,
-                       timm_kwargs=dict(timm_kwargs or {}), adapter=adapter_cfg)
-
-
-def _block_indices(out_indices: Sequence[int], depth: int) -> tuple[int, ...]:
-    """``out_indices`` as increasing non-negative block indices (encode returns blocks in network order)."""
-    blocks = tuple(i + depth if i < 0 else i for i in out_indices)
-    if not blocks or any(not 0 <= b < depth for b in blocks) or list(blocks) != sorted(set(blocks)):
-        raise ValueError(f"GlareViT out_indices={tuple(out_indices)} must be increasing block indices of a "
-                         f"{depth}-block ViT (e.g. {tuple(range(depth))[-4:]})")
-    return blocks
-
-
 @MODELS.register_module()
 class GlareViT(BaseModule):
     """A timm ViT with one UniAdapter per block, giving multi-level NCHW maps to an mmseg neck.
+
+    The model is built by glare.models (:func:`~glare.models.pretrained.encoder_config`,
+    :func:`~glare.models.vit.multi_level_maps`); this class registers it with mmseg and
+    reads mmengine's ``init_cfg``.
 
     Args:
         arch, img_size, timm_kwargs, adapter: the architecture for random init or an init spec
@@ -68,7 +39,7 @@ class GlareViT(BaseModule):
         out_indices: blocks whose final-normed patch tokens are returned, in order.
         init_cfg: ``dict(type='Pretrained', checkpoint=W, prefix='backbone.')`` where ``W`` is a GLARE
             export (either layout), ``"imgfocus"``, ``"timm"``, ``"none"`` or a foreign ViT checkpoint
-            (anything :func:`glare.weights.export.load_encoder` takes); other init_cfgs go to mmengine.
+            (anything :func:`glare.models.pretrained.load_encoder` takes); other init_cfgs go to mmengine.
 
     The whole network (ViT and adapters) is trainable: the downstream protocol fine-tunes it.
     """
@@ -77,10 +48,17 @@ class GlareViT(BaseModule):
                  adapter: dict | None = None, out_indices: Sequence[int] = (3, 5, 7, 11),
                  init_cfg: dict | list | None = None) -> None:
         super().__init__(init_cfg=init_cfg)
-        self.model_cfg = backbone_model_config(arch, img_size, timm_kwargs, adapter, self._checkpoint())
-        self.vit = create_backbone(self.model_cfg)
-        self.adapters = build_adapters(self.vit.embed_dim, len(self.vit.blocks), self.model_cfg.adapter)
-        self.out_indices = _block_indices(out_indices, len(self.vit.blocks))
+        try:
+            self.model_cfg = encoder_config(arch, img_size, timm_kwargs, adapter, self._checkpoint())
+        except ValueError as err:  # the message names the argument; say whose
+            raise ValueError(f"GlareViT {err}") from None
+        encoder = AdaptedViT(create_backbone(self.model_cfg), adapter_cfg=self.model_cfg.adapter)
+        # The same `vit` + `adapters` pair as an AdaptedViT, so state dict keys match one to one.
+        self.vit, self.adapters = encoder.vit, encoder.adapters
+        try:
+            self.out_indices = block_indices(out_indices, len(self.vit.blocks))
+        except ValueError as err:
+            raise ValueError(f"GlareViT {err}") from None
         self.requires_grad_(True)  # create_backbone freezes the ViT for pre-training; fine-tuning trains it
 
     @property
@@ -89,8 +67,7 @@ class GlareViT(BaseModule):
 
     @property
     def patch_size(self) -> int:
-        ps = self.vit.patch_embed.patch_size
-        return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+        return patch_size(self.vit)
 
     def _checkpoint(self) -> str | None:
         """The checkpoint of a ``Pretrained`` init_cfg, if there is exactly one."""
@@ -106,23 +83,12 @@ class GlareViT(BaseModule):
             return
         if checkpoint != _NO_WEIGHTS:
             source = load_encoder(checkpoint, self.model_cfg)
-            # Both are a `vit` + `adapters` pair built from the same ModelConfig: keys match one to one.
             self.load_state_dict(source.state_dict())
         self._is_init = True
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(B, D, rows, cols) maps of the ``out_indices`` blocks for RGB images in [0, 1].
-
-        Sides that are not a multiple of the patch size are resized to the nearest multiple (not
-        cropped), so the patch grid covers the whole image, the extent mmseg upsamples logits back to.
-        """
-        p = self.patch_size
-        h, w = x.shape[-2:]
-        if h % p or w % p:
-            size = (max(p, round(h / p) * p), max(p, round(w / p) * p))
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        feats = encode(self.vit, self.adapters, x, blocks=self.out_indices)
-        return tuple(feats.patch_map(t) for t in feats.hidden)
+        """(B, D, rows, cols) maps of the ``out_indices`` blocks for RGB images in [0, 1] (any size)."""
+        return multi_level_maps(self.vit, self.adapters, x, self.out_indices)
 
 
 # Parameters of the ViT before its first block: layer 0 of the decay.

@@ -1,6 +1,6 @@
 # ADE20k (ADEChallengeData2016): 150 classes, label 0 = "other" is ignored (reduce_zero_label),
 # 512x512 crops of images rescaled around 2048x512, 160k iterations (mmseg's ADE20k schedule).
-_base_ = ['./_runtime.py']
+_base_ = ['./_runtime.py', './_dataloaders.py']
 dataset_type = 'ADE20KDataset'
 data_root = 'data/ade/ADEChallengeData2016'
 crop_size = (512, 512)
@@ -22,19 +22,12 @@ test_pipeline = [
 # Batch per GPU: 2 (x 8 GPUs = 16 images per step, as mmseg's ViT UperNet configs).
 train_dataloader = dict(
     batch_size=2,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
         data_prefix=dict(img_path='images/training', seg_map_path='annotations/training'),
         pipeline=train_pipeline))
 val_dataloader = dict(
-    batch_size=1,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,

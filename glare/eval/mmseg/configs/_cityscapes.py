@@ -1,6 +1,6 @@
 # Cityscapes: 19 train ids (gtFine *_labelTrainIds.png, made by cityscapesscripts), 512x1024 crops
 # of images rescaled around 2048x1024, 80k iterations (mmseg's Cityscapes schedule).
-_base_ = ['./_runtime.py']
+_base_ = ['./_runtime.py', './_dataloaders.py']
 dataset_type = 'CityscapesDataset'
 data_root = 'data/cityscapes'
 crop_size = (512, 1024)
@@ -22,19 +22,12 @@ test_pipeline = [
 # Batch per GPU: 1 (x 8 GPUs = 8 images per step).
 train_dataloader = dict(
     batch_size=1,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
         data_prefix=dict(img_path='leftImg8bit/train', seg_map_path='gtFine/train'),
         pipeline=train_pipeline))
 val_dataloader = dict(
-    batch_size=1,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,

@@ -1,6 +1,6 @@
 # LoveDA: 7 land-cover classes (label 0 = no-data, ignored by reduce_zero_label), 1024x1024 tiles,
 # 512x512 crops, 80k iterations (mmseg's LoveDA schedule).
-_base_ = ['./_runtime.py']
+_base_ = ['./_runtime.py', './_dataloaders.py']
 dataset_type = 'LoveDADataset'
 data_root = 'data/loveDA'
 crop_size = (512, 512)
@@ -22,19 +22,12 @@ test_pipeline = [
 # Batch per GPU: 4 (x 4 GPUs = 16 images per step).
 train_dataloader = dict(
     batch_size=4,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
         data_prefix=dict(img_path='img_dir/train', seg_map_path='ann_dir/train'),
         pipeline=train_pipeline))
 val_dataloader = dict(
-    batch_size=1,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,

@@ -1,6 +1,6 @@
 # Pascal Context, 59 classes (VOC2010 with SegmentationClassContext masks, label 0 = background
 # ignored by reduce_zero_label), 480x480 crops of images rescaled around 520x520, 80k iterations.
-_base_ = ['./_runtime.py']
+_base_ = ['./_runtime.py', './_dataloaders.py']
 dataset_type = 'PascalContextDataset59'
 data_root = 'data/VOCdevkit/VOC2010'
 crop_size = (480, 480)
@@ -23,9 +23,6 @@ test_pipeline = [
 # Batch per GPU: 4 (x 4 GPUs = 16 images per step).
 train_dataloader = dict(
     batch_size=4,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
@@ -33,10 +30,6 @@ train_dataloader = dict(
         ann_file='ImageSets/SegmentationContext/train.txt',
         pipeline=train_pipeline))
 val_dataloader = dict(
-    batch_size=1,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,

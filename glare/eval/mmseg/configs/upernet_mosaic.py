@@ -2,7 +2,7 @@
 # no reduce_zero_label. A small, CPU-sized protocol check, not a benchmark: a light head, crops of
 # at most 128 px (smaller mosaics are used whole), whole-image inference and no checkpoints.
 # Without --data-root the runner generates the default mosaic (ensure_mosaic(MosaicConfig())).
-_base_ = ['./_upernet.py', './_runtime.py']
+_base_ = ['./_upernet.py', './_runtime.py', './_dataloaders.py']
 dataset_type = 'GlareMosaicDataset'
 data_root = ''  # set by the runner
 crop_size = (128, 128)
@@ -21,18 +21,13 @@ test_pipeline = [
 train_dataloader = dict(
     batch_size=8,
     num_workers=2,
-    persistent_workers=True,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
         data_prefix=dict(img_path='train/images', seg_map_path='train/masks'),
         pipeline=train_pipeline))
 val_dataloader = dict(
-    batch_size=1,
     num_workers=2,
-    persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
