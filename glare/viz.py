@@ -30,10 +30,10 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
 
 from glare.config import ConfigError, EvalConfig, GlareConfig, load_config
+from glare.data.sources import IMAGE_EXTENSIONS, folder_images, read_square_image
 from glare.eval.linear_probe import extract_features, train_head
 
 # Panel geometry in pixels (figures are drawn at DPI, so inches = pixels / DPI).
@@ -44,7 +44,6 @@ TITLE = 16  # strip above each row of panels for titles
 LEGEND_ROW = 14  # one line of the class legend
 LEGEND_COL = 120  # width given to one legend entry
 IGNORE_INDEX = 255
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 FIGURES = ("attention", "pca", "segmentation", "mosaic")
 MOSAIC_SAMPLES = 4
 
@@ -292,22 +291,14 @@ def load_images(paths: Sequence[str | Path], size: int) -> Tensor:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            files += folder_images(p)
         elif p.is_file():
             files.append(p)
         else:
             raise FileNotFoundError(f"image not found: {p}")
     if not files:
-        raise ValueError(f"no images ({'/'.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, paths))}")
-    out = []
-    for f in files:
-        try:
-            with Image.open(f) as img:
-                square = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
-        except (OSError, UnidentifiedImageError) as err:
-            raise ValueError(f"cannot read image {f}: {err}") from None
-        out.append(torch.from_numpy(np.asarray(square).copy()).permute(2, 0, 1))
-    return torch.stack(out)
+        raise ValueError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, paths))}")
+    return torch.stack([torch.from_numpy(read_square_image(f, size)).permute(2, 0, 1) for f in files])
 
 
 def model_name(weights: str) -> str:

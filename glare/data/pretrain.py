@@ -28,8 +28,7 @@ import ray
 import ray.data
 from PIL import Image, ImageOps
 
-from glare.data.segmentation import IMAGE_EXTENSIONS, DataError
-from glare.data.sources import check_parquet, local_files
+from glare.data.sources import IMAGE_EXTENSIONS, DataError, check_parquet, local_files
 
 __all__ = ["DataError", "PretrainData", "build_pretrain_dataset", "decide_materialize", "decode_image",
            "open_pretrain_data", "shuffled_batches", "skipped_images"]

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from glare.config import MosaicConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -30,6 +32,28 @@ def embedded_root(mosaic: MosaicConfig) -> Path:
 def resolve_pretrain_source(source: str, mosaic: MosaicConfig) -> str:
     """``data.source`` as Ray Data reads it: ``mosaic`` becomes the embedded set's unlabelled folder."""
     return str(embedded_root(mosaic) / "unlabelled") if source == MOSAIC else source
+
+
+def folder_images(folder: Path) -> list[Path]:
+    """The image files (by suffix, :data:`IMAGE_EXTENSIONS`) directly in ``folder``, sorted."""
+    return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+
+
+def read_square_image(path: Path, size: int) -> np.ndarray:
+    """An image file as (size, size, 3) uint8 RGB: short side to ``size``, centre crop (bicubic).
+
+    Raises:
+        ValueError: naming the file, when it is not a readable image.
+    """
+    import numpy as np
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            square = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
+    return np.asarray(square).copy()
 
 
 def local_files(source: str) -> list[Path]:

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
 
+from glare.data.sources import IMAGE_EXTENSIONS, folder_images, read_square_image
 from glare.eval.linear_probe import FeatureFn, extract_features, seeded_batches
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ClassSplit = tuple[Tensor, Tensor]
 
 
@@ -130,9 +128,10 @@ def linear_classify(
 
 
 def load_image_folder(root: str | Path, size: int) -> tuple[Tensor, Tensor, list[str]]:
-    """Read ``root/<class>/*.png|jpg|jpeg`` into square uint8 images (resize + centre crop).
+    """Read ``root/<class>/<image>`` into square uint8 images (resize + centre crop).
 
-    Classes are the sub-folders in sorted order; files with other suffixes are skipped.
+    Classes are the sub-folders in sorted order; files without an image suffix
+    (:data:`glare.data.sources.IMAGE_EXTENSIONS`) are skipped.
 
     Returns:
         images uint8 (N, 3, size, size), labels int64 (N,), class names.
@@ -151,17 +150,11 @@ def load_image_folder(root: str | Path, size: int) -> tuple[Tensor, Tensor, list
         raise ValueError(f"{root} has no class sub-folders (expected root/<class>/*.png|jpg)")
     images, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = folder_images(root / name)
         if not files:
-            raise ValueError(f"class folder {root / name} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+            raise ValueError(f"class folder {root / name} holds no {'/'.join(IMAGE_EXTENSIONS)} images")
         for path in files:
-            try:
-                with Image.open(path) as img:
-                    # ImageOps.fit scales the short side to `size` and crops the centre, keeping the aspect ratio.
-                    square = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
-            except (OSError, UnidentifiedImageError) as err:
-                raise ValueError(f"cannot read image {path}: {err}") from err
-            images.append(torch.from_numpy(np.asarray(square).copy()).permute(2, 0, 1))
+            images.append(torch.from_numpy(read_square_image(path, size)).permute(2, 0, 1))
             labels.append(label)
     return torch.stack(images), torch.tensor(labels, dtype=torch.long), classes
 
