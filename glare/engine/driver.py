@@ -94,47 +94,28 @@ def write_run_report(run_dir: Path) -> Path | None:
         return None
 
 
-def run(cfg: GlareConfig, callbacks: Sequence[Any] = (), verbose: bool = False, report: bool = True
-        ) -> dict[str, Any]:
-    """Train with Ray Train's TorchTrainer and write the run directory; returns ``summary.json``'s content.
-
-    ``callbacks`` go to the trainer's RunConfig (a Tune trial passes Ray's
-    ``TuneReportCallback`` so every report reaches the sweep). Unless ``verbose``, the
-    progress is shown from metrics.jsonl (:mod:`glare.console`); with ``report`` the run
-    ends by writing ``report.md`` (:mod:`glare.report`).
-    """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from glare.console import RunProgress
-    from glare.engine.loop import train_loop_per_worker
-    from glare.eval.protocol import open_probe_sets
-
-    start = time.time()
-    # The labelled set is read by the rank-0 worker; a mistake in it should fail here, in one line, before
-    # a run directory or Ray exists.
-    probe_train, probe_eval = open_probe_sets(cfg.data, check_labels=True)
+def _run_location(cfg: GlareConfig) -> tuple[str, str, Path]:
+    """(run name, storage path, run directory): a local storage path made absolute, a URI kept."""
     name = cfg.train.run_name or time.strftime("glare-%Y%m%d-%H%M%S")
     storage = cfg.train.storage_path
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
-    run_dir = Path(storage) / name
+    return name, storage, Path(storage) / name
 
-    init_ray(cfg, verbose)
-    data = pretrain_data(cfg)
-    d = cfg.data
-    print(f"[glare] data: {data.summary()}; probe set: {d.seg_format}, {probe_eval.num_classes} classes, "
-          f"{len(probe_train)} {d.seg_train_split} / {len(probe_eval)} {d.seg_eval_split} images", flush=True)
-    # Only now: a start that fails (bad data, no cluster) leaves no run directory behind.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    print(f"[glare] run directory: {run_dir}", flush=True)
-    workers = cfg.ray.num_workers
-    trainer = TorchTrainer(
+
+def _trainer(cfg: GlareConfig, name: str, storage: str, run_dir: Path, dataset: Any, callbacks: Sequence[Any]
+             ) -> Any:
+    """The TorchTrainer of a run: one worker per ``ray.num_workers``, checkpoints and failures as configured."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from glare.engine.loop import train_loop_per_worker
+
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir)},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=cfg.ray.use_gpu,
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
             resources_per_worker=worker_resources(cfg),
             placement_strategy=cfg.ray.placement_strategy,
         ),
@@ -146,38 +127,34 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = (), verbose: bool = False, 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),
         ),
-        datasets={"train": data.dataset},
+        datasets={"train": dataset},
         dataset_config=ordered_ingest(),
     )
-    try:
-        if verbose:  # the workers' own lines reach the console
-            result = trainer.fit()
-        else:
-            with RunProgress(run_dir / "metrics.jsonl", cfg.train.steps, cfg.train.log_every):
-                result = trainer.fit()
-    except ray.train.ControllerError as err:
-        if not (cfg.ray.capacity_wait_s and no_capacity(err)):
-            raise
-        last = latest_checkpoint(run_dir)
-        reason = (f"no capacity for {workers} worker(s) of {worker_resources(cfg)} within ray.capacity_wait_s="
-                  f"{cfg.ray.capacity_wait_s:g} s; " + (f"the last checkpoint (step {checkpoint_step(last)}, {last}) "
-                  f"is intact: rerun with train.run_name={name} to resume" if last else "no checkpoint was written"))
-        summary = {"run_dir": str(run_dir), "miou_before": None, "miou_after": None, "steps": None,
-                   "stop_reason": reason, "checkpoint": str(last) if last else None, "export": None,
-                   "wall_s": time.time() - start}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        summary["report"] = str(write_run_report(run_dir)) if report else None
-        return summary
-    metrics = end_record(run_dir) or dict(result.metrics or {})
+
+
+def _no_capacity_summary(cfg: GlareConfig, name: str, run_dir: Path, start: float) -> dict[str, Any]:
+    """The summary of a run whose workers never got their resources within ``ray.capacity_wait_s``."""
+    last = latest_checkpoint(run_dir)
+    reason = (f"no capacity for {cfg.ray.num_workers} worker(s) of {worker_resources(cfg)} within "
+              f"ray.capacity_wait_s={cfg.ray.capacity_wait_s:g} s; " + (
+                  f"the last checkpoint (step {checkpoint_step(last)}, {last}) is intact: rerun with "
+                  f"train.run_name={name} to resume" if last else "no checkpoint was written"))
+    return {"run_dir": str(run_dir), "miou_before": None, "miou_after": None, "steps": None,
+            "stop_reason": reason, "checkpoint": str(last) if last else None, "export": None,
+            "wall_s": time.time() - start}
+
+
+def _run_summary(run_dir: Path, result: Any, data: Any, probe_classes: int, start: float) -> dict[str, Any]:
+    """``summary.json``'s content of a run that trained: its end record, probes and what the data skipped."""
     from glare.data.pretrain import skipped_images
 
+    metrics = end_record(run_dir) or dict(result.metrics or {})
     skipped = skipped_images()
     probes = probe_records(run_dir)
     first, last = (probes[0], probes[-1]) if probes and probes[0]["step"] == 0 and len(probes) > 1 else ({}, {})
-    wall = time.time() - start
     stopped = metrics.get("stop_reason") or ""
     export = run_dir / "export" / "backbone.safetensors"
-    summary = {
+    return {
         "run_dir": str(run_dir),
         "miou_before": metrics.get("miou_before"),
         # A stopped run was not evaluated after training and wrote no export.
@@ -190,7 +167,7 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = (), verbose: bool = False, 
         if metrics.get("train_seconds") else None,
         "pretrain_images": data.num_images,
         "materialized": data.materialized,
-        "probe_classes": probe_eval.num_classes,
+        "probe_classes": probe_classes,
         "skipped_images": len(skipped),
         "skipped_files": [{"path": p, "reason": r} for p, r in skipped],
         "nonfinite_steps": metrics.get("nonfinite_steps"),
@@ -199,13 +176,57 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = (), verbose: bool = False, 
         "last_good_step": metrics.get("last_good_step"),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "export": str(export) if not stopped and export.is_file() else None,
-        "wall_s": wall,
+        "wall_s": time.time() - start,
         "train_s": metrics.get("train_seconds"),
         "labelled_images": (probes[0] if probes else {}).get("labelled_images"),
         "class_names": first.get("class_names"),
         "per_class_iou_before": first.get("per_class_iou"),
         "per_class_iou_after": last.get("per_class_iou"),
     }
+
+
+def run(cfg: GlareConfig, callbacks: Sequence[Any] = (), verbose: bool = False, report: bool = True
+        ) -> dict[str, Any]:
+    """Train with Ray Train's TorchTrainer and write the run directory; returns ``summary.json``'s content.
+
+    ``callbacks`` go to the trainer's RunConfig (a Tune trial passes Ray's
+    ``TuneReportCallback`` so every report reaches the sweep). Unless ``verbose``, the
+    progress is shown from metrics.jsonl (:mod:`glare.console`); with ``report`` the run
+    ends by writing ``report.md`` (:mod:`glare.report`).
+    """
+    import ray.train
+
+    from glare.console import RunProgress
+    from glare.eval.protocol import open_probe_sets
+
+    start = time.time()
+    # The labelled set is read by the rank-0 worker; a mistake in it should fail here, in one line, before
+    # a run directory or Ray exists.
+    probe_train, probe_eval = open_probe_sets(cfg.data, check_labels=True)
+    name, storage, run_dir = _run_location(cfg)
+
+    init_ray(cfg, verbose)
+    data = pretrain_data(cfg)
+    d = cfg.data
+    print(f"[glare] data: {data.summary()}; probe set: {d.seg_format}, {probe_eval.num_classes} classes, "
+          f"{len(probe_train)} {d.seg_train_split} / {len(probe_eval)} {d.seg_eval_split} images", flush=True)
+    # Only now: a start that fails (bad data, no cluster) leaves no run directory behind.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    print(f"[glare] run directory: {run_dir}", flush=True)
+    trainer = _trainer(cfg, name, storage, run_dir, data.dataset, callbacks)
+    try:
+        if verbose:  # the workers' own lines reach the console
+            result = trainer.fit()
+        else:
+            with RunProgress(run_dir / "metrics.jsonl", cfg.train.steps, cfg.train.log_every):
+                result = trainer.fit()
+    except ray.train.ControllerError as err:
+        if not (cfg.ray.capacity_wait_s and no_capacity(err)):
+            raise
+        summary = _no_capacity_summary(cfg, name, run_dir, start)
+    else:
+        summary = _run_summary(run_dir, result, data, probe_eval.num_classes, start)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["report"] = str(write_run_report(run_dir)) if report else None
     return summary
