@@ -257,13 +257,14 @@ class GlareConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-def resolve_preset(path: str | Path) -> Path:
-    """Find a preset by path, or by name inside ``configs/``."""
+def resolve_preset(path: str | Path, folder: Path = CONFIG_DIR, what: str = "config file",
+                   error: type[ConfigError] = ConfigError) -> Path:
+    """Find a preset by path, or by name inside ``folder`` (``configs/``; the sweeps use ``configs/sweeps/``)."""
     p = Path(path)
-    for cand in (p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+    for cand in (p, folder / p, folder / f"{p}.yaml"):
         if cand.is_file():
             return cand
-    raise ConfigError(f"config file not found: {path} (looked in . and {CONFIG_DIR})")
+    raise error(f"{what} not found: {path} (looked in . and {folder})")
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> GlareConfig:

@@ -20,7 +20,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from glare.config import CONFIG_DIR, ConfigError, GlareConfig, from_dict, load_config, to_dict
+from glare.config import CONFIG_DIR, ConfigError, GlareConfig, from_dict, load_config, resolve_preset, to_dict
 from glare.preflight import check_model_rules
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
@@ -107,14 +107,6 @@ class SweepConfig:
         return {k: v for k, v in self.space.items() if v is not None}
 
 
-def _resolve_preset(path: str | Path) -> Path:
-    p = Path(path)
-    for cand in (p, SWEEP_DIR / p, SWEEP_DIR / f"{p}.yaml"):
-        if cand.is_file():
-            return cand
-    raise SweepConfigError(f"sweep preset not found: {path} (looked in . and {SWEEP_DIR})")
-
-
 def _parse_value(text: str) -> Any:
     """A YAML scalar or list, the way OmegaConf reads ``key=value``."""
     return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
@@ -157,7 +149,9 @@ def load_sweep(path: str | Path | None = None, overrides: Iterable[str] = ()) ->
         SweepConfigError: naming the key, for unknown keys, wrong types and out-of-range settings.
     """
     try:
-        layers = [OmegaConf.load(_resolve_preset(path))] if path is not None else []
+        layers = []
+        if path is not None:
+            layers.append(OmegaConf.load(resolve_preset(path, SWEEP_DIR, "sweep preset", SweepConfigError)))
         layers.append(OmegaConf.create(_override_layer(overrides)))
         sweep = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepConfig), *layers))
     except yaml.YAMLError as err:
