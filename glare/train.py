@@ -245,6 +245,9 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = (), verbose: bool = False, 
         "export": str(export) if not stopped and export.is_file() else None,
         "wall_s": wall,
         "train_s": metrics.get("train_seconds"),
+        # Peak memory of the training steps (intermediate evaluations included), above the memory before
+        # the model was built: resident set on the CPU, allocated bytes on CUDA (rank 0).
+        "train_peak_mb": metrics.get("train_peak_mb"),
         "labelled_images": (probes[0] if probes else {}).get("labelled_images"),
         "class_names": first.get("class_names"),
         "per_class_iou_before": first.get("per_class_iou"),
