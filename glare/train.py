@@ -245,6 +245,7 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = (), verbose: bool = False, 
         "export": str(export) if not stopped and export.is_file() else None,
         "wall_s": wall,
         "train_s": metrics.get("train_seconds"),
+        "train_cpu_s": metrics.get("train_cpu_seconds"),
         # Peak memory of the training steps (intermediate evaluations included), above the memory before
         # the model was built: resident set on the CPU, allocated bytes on CUDA (rank 0).
         "train_peak_mb": metrics.get("train_peak_mb"),

@@ -43,6 +43,9 @@ class LoopState:
     miou_before: float = float("nan")
     miou_last: float = float("nan")
     train_seconds: float = 0.0
+    # The process's CPU time in the same steps (all threads): unlike wall time, barely moved by other
+    # processes sharing the cores, so it compares step costs on a busy CPU machine.
+    train_cpu_seconds: float = 0.0
 
 
 def build_optimizer(model: GlareModel, cfg: GlareConfig, world_size: int) -> torch.optim.Optimizer:
@@ -385,9 +388,10 @@ class WorkerRun:
         state, cfg = self.state, self.cfg
         images = row["image"].to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
         set_schedules(self.optimizer, cfg, state.step, self.world)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         metrics, ok = train_step(self.model, self.runner, self.optimizer, images, state.step, cfg)
         state.train_seconds += time.perf_counter() - t0
+        state.train_cpu_seconds += time.process_time() - cpu0
         state.batch_in_epoch = i + 1
         if not ok:
             return self.skipped()
@@ -507,7 +511,7 @@ class WorkerRun:
                 self.export()
             final.update(trainable_params=sum(p.numel() for p in model.trainable_parameters()),
                          backbone_params=sum(p.numel() for p in model.backbone.parameters()),
-                         train_seconds=state.train_seconds,
+                         train_seconds=state.train_seconds, train_cpu_seconds=state.train_cpu_seconds,
                          train_peak_mb=self.train_peak_mb if math.isfinite(self.train_peak_mb) else None)
         # A finished run's closing report below writes the final checkpoint; a stopped run's writes none.
         final.update(stop_reason=self.stop_reason, done=1,
