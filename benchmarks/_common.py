@@ -21,6 +21,8 @@ for _key, _value in (("HF_HUB_OFFLINE", "1"), ("RAY_USAGE_STATS_ENABLED", "0"), 
 
 import torch  # noqa: E402  (after the environment above)
 
+from glare.engine.memory import current_rss_mb, peak_rss_mb, reset_peak_rss  # noqa: E402, F401
+
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) by a substring of torch.cuda.get_device_name().
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
 
@@ -56,39 +58,6 @@ def timed_cpu(fn: Callable[[], object], device: torch.device) -> tuple[float, fl
 def median(values: Sequence[float]) -> float:
     """Median, or NaN for no values."""
     return statistics.median(values) if values else float("nan")
-
-
-def _proc_status_mb(field: str) -> float:
-    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in MiB; NaN off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def current_rss_mb() -> float:
-    """Resident set size of this process now, in MiB."""
-    return _proc_status_mb("VmRSS")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (since start or :func:`reset_peak_rss`), in MiB.
-
-    VmHWM, not ``getrusage``'s ru_maxrss: Linux carries ru_maxrss across fork and exec, so a subprocess
-    would report at least its parent's peak.
-    """
-    return _proc_status_mb("VmHWM")
-
-
-def reset_peak_rss() -> None:
-    """Set the peak RSS to the current RSS (Linux >= 4.0; a no-op where /proc/self/clear_refs is missing)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def bf16_peak_flops(device: torch.device) -> float | None:

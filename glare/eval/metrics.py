@@ -165,3 +165,43 @@ def intersect_and_union(
     if backend == "mmseg" or (backend == "auto" and mmseg_available()):
         return _mmseg_metrics(pred, target, num_classes, ignore_index)
     return metrics_from_confusion(confusion_matrix(pred, target, num_classes, ignore_index))
+
+
+def batched_miou(cms: Tensor) -> Tensor:
+    """mIoU of each confusion matrix in a batch (..., C, C), with :func:`metrics_from_confusion`'s conventions."""
+    cms = cms.double()
+    intersect = cms.diagonal(dim1=-2, dim2=-1)
+    iou = intersect / (cms.sum(-2) + cms.sum(-1) - intersect)  # 0/0 -> NaN: a class with nothing to score
+    return iou.nanmean(-1)
+
+
+def paired_miou_difference(cms_a: Tensor, cms_b: Tensor, resamples: int = 2000, seed: int = 0,
+                           level: float = 0.95) -> tuple[float, float, float]:
+    """mIoU(a) - mIoU(b) on the same images, with a bootstrap confidence interval over those images.
+
+    Args:
+        cms_a: per-image confusion matrices (S, N, C, C) of model a for S probe heads (e.g. probe seeds)
+            on N images; the score is the mIoU of the summed matrix, averaged over the S heads.
+        cms_b: the same for model b, on the same images in the same order, with heads of the same seeds.
+        resamples: bootstrap draws of N images with replacement (the same draw for a and b: paired).
+        seed: the draws' seed.
+        level: the interval's coverage.
+
+    Returns:
+        (difference, low, high): the difference on all N images and the percentile interval.
+    """
+    if cms_a.shape != cms_b.shape or cms_a.ndim != 4:
+        raise ValueError(f"need two (S, N, C, C) stacks of one shape, got {tuple(cms_a.shape)}, {tuple(cms_b.shape)}")
+    n = cms_a.shape[1]
+    diff = lambda idx: batched_miou(cms_a[:, idx].sum(1)).mean(0) - batched_miou(cms_b[:, idx].sum(1)).mean(0)  # noqa: E731
+    point = float(diff(torch.arange(n)))
+    draws = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    # (S, R, N, C, C) summed over N per draw, a chunk of draws at a time to bound memory.
+    stats = torch.cat([
+        batched_miou(torch.stack([cms_a[:, d].sum(1) for d in chunk], 1)).mean(0)
+        - batched_miou(torch.stack([cms_b[:, d].sum(1) for d in chunk], 1)).mean(0)
+        for chunk in draws.split(256)
+    ])
+    tail = (1 - level) / 2
+    low, high = torch.quantile(stats, torch.tensor([tail, 1 - tail], dtype=stats.dtype)).tolist()
+    return point, low, high

@@ -76,6 +76,7 @@ def test_two_workers_end_to_end(ray_local, tmp_path, capsys):
     assert 0.0 <= summary["miou_before"] <= 1.0 and 0.0 <= summary["miou_after"] <= 1.0
     assert summary["skipped_images"] == 0 and summary["nonfinite_steps"] == 0 and summary["stop_reason"] == ""
     assert 0 < summary["trainable_params"] < summary["backbone_params"] + 200_000
+    assert summary["train_peak_mb"] > 0 and summary["train_cpu_s"] > 0  # memory held and CPU time spent in steps
     assert summary["images_per_s"] > 0 and summary["wall_s"] > 0
     assert load_config(run_dir / "config.yaml") == cfg
     assert _logged_steps(run_dir) == [2, 4, 6]

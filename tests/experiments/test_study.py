@@ -49,9 +49,14 @@ def test_each_variant_is_the_preset_plus_its_overrides(tmp_path: Path) -> None:
     assert weights["no_reg"] == (1.0, 0.0, 1.0, 1.0)  # ... and the variant's wins where it does
     assert weights["no_loc1"] == (1.0, 0.5, 0.0, 1.0) and weights["no_loc2"] == (1.0, 0.5, 1.0, 0.0)
     assert cfgs["geometric"].region.correspondence == "geometric"
+    assert (cfgs["first6"].model.adapter.first_block, cfgs["first8"].model.adapter.first_block) == (6, 8)
+    assert cfgs["glare"].model.adapter.first_block == 0
     assert cfgs["glare"].region.correspondence == "cross_attention"
     assert cfgs["full"].model.tune == "full" and cfgs["full"].optim.lr == 0.001
     assert all(c.model.tune == "adapters" and c.optim.lr == 0.005 for v, c in cfgs.items() if v != "full")
+    # Without a study section the study runs the main job, and full fine-tuning at DINO's rate.
+    _, defaults, _ = study.load_study(study.DEFAULT_PRESET, [], tmp_path / "default")
+    assert study.DEFAULT_PRESET == "default" and defaults.full_lr == 0.0005 and defaults.probe_seeds == 5
     assert "study" not in preset.read_text() and load_config(preset).train.steps == 60
 
 
@@ -170,7 +175,9 @@ def test_drift_is_one_for_the_init_and_drops_when_features_change() -> None:
     cfg = load_config("tiny")
     photos = study.drift_photos(32)
     assert photos.shape == (8, 3, 32, 32) and photos.dtype == torch.uint8
-    ref = study.make_reference(cfg, None, photos)
+    ctx = study.StudyContext(study=study.StudyConfig(natural="none"), natural=None, photos=photos)
+    ref = study.make_reference(cfg, ctx)
+    assert ref.natural_cms is None and ref.natural_miou is None
     assert study.patch_drift(ref.photos, study.init_encoder(cfg), photos, cfg) == pytest.approx(1.0, abs=1e-6)
     changed = study.init_encoder(cfg)
     with torch.no_grad():
@@ -186,24 +193,34 @@ def test_drift_is_one_for_the_init_and_drops_when_features_change() -> None:
 
 def _row(variant: str, seed: int, **values) -> dict:
     base = {"variant": variant, "seed": seed, "miou_before": 0.5, "miou_after": 0.5, "delta": 0.0,
-            "natural_miou": None, "drift_photos": None, "drift_natural": None, "wall_s": None, "train_s": None,
-            "trainable_params": 0, "stop_reason": ""}
+            "natural_miou": None, "forgetting": None, "forgetting_low": None, "forgetting_high": None,
+            "drift_photos": None, "drift_natural": None, "wall_s": None, "train_s": None, "step_s": None,
+            "train_peak_mb": None, "trainable_params": 0, "stop_reason": ""}
     return {**base, **values}
 
 
-def test_forgetting_and_the_mean_std_table() -> None:
-    rows = study.with_forgetting([
-        _row("init", 0, natural_miou=0.30), _row("init", 1, natural_miou=0.32),
-        _row("dino", 0, miou_after=0.6, delta=0.1, natural_miou=0.25, wall_s=100.0, trainable_params=10),
-        _row("dino", 1, miou_after=0.7, delta=0.2, natural_miou=0.32, wall_s=120.0, trainable_params=10),
+def test_cost_ratios_and_the_mean_std_table() -> None:
+    rows = study.with_derived([
+        _row("init", 0, natural_miou=0.30, forgetting=0.0), _row("init", 1, natural_miou=0.32, forgetting=0.0),
+        _row("glare", 0, step_s=2.0, train_peak_mb=1000.0), _row("glare", 1, step_s=4.0, train_peak_mb=1000.0),
+        _row("dino", 0, miou_after=0.6, delta=0.1, natural_miou=0.25, forgetting=0.05, forgetting_low=0.01,
+             forgetting_high=0.09, wall_s=100.0, step_s=1.0, train_peak_mb=500.0, trainable_params=10),
+        _row("dino", 1, miou_after=0.7, delta=0.2, natural_miou=0.32, forgetting=0.0, forgetting_low=-0.03,
+             forgetting_high=0.03, wall_s=120.0, step_s=3.0, train_peak_mb=700.0, trainable_params=10),
     ])
-    assert [r["forgetting"] for r in rows] == pytest.approx([0.0, 0.0, 0.05, 0.0])
+    dino = [r for r in rows if r["variant"] == "dino"]
+    assert [r["step_ratio"] for r in dino] == [0.5, 0.75] and [r["memory_ratio"] for r in dino] == [0.5, 0.7]
+    assert [r["forgetting_ci"] for r in dino] == pytest.approx([0.04, 0.03])
+    assert rows[0]["step_ratio"] is None and rows[2]["step_ratio"] == 1.0
     table = study.results_table(rows).splitlines()
-    assert table[0].startswith("| variant | seeds | mIoU after (%) | Δ vs init (pts) |")
-    assert len(table) == 4 and table[2].startswith("| init | 2 | 50.00 ± 0.00 | +0.00 ± 0.00 | 31.00 ± 1.41 |")
-    dino = table[3].split(" | ")
-    assert dino[2:6] == ["65.00 ± 7.07", "+15.00 ± 7.07", "28.50 ± 4.95", "+2.50 ± 3.54"]
-    assert dino[6:9] == ["—", "—", "110 ± 14"] and table[3].endswith("| 10 |")
+    assert table[0].startswith("| variant | seeds | mIoU after (%) | Δ vs init (pts) | Δ per seed | natural probe")
+    assert len(table) == 5 and table[2].startswith("| init | 2 | 50.00 ± 0.00 | +0.00 ± 0.00 | s0 +0.00 / s1 +0.00 | "
+                                                   "31.00 ± 1.41 | +0.00 ± 0.00 | — |")
+    cells = table[3].split(" | ")
+    assert cells[:8] == ["| dino", "2", "65.00 ± 7.07", "+15.00 ± 7.07", "s0 +10.00 / s1 +20.00", "28.50 ± 4.95",
+                         "+2.50 ± 3.54", "3.50 ± 0.71"]
+    assert cells[8:13] == ["—", "—", "110 ± 14", "—", "0.62 ± 0.18"] and cells[13] == "0.60 ± 0.14"
+    assert table[3].endswith("| 10 |") and table[4].startswith("| glare | 2 |")
     assert study.mean_std([0.25]) == "0.25" and study.mean_std([None]) == "—"
 
 
@@ -239,7 +256,13 @@ def test_tiny_study_end_to_end_and_rerun_skips_finished_runs(ray_local, tmp_path
     assert init["miou_after"] == init["miou_before"] == full["miou_before"] and init["wall_s"] is None
     assert init["drift_photos"] == init["drift_natural"] == 1.0 and init["forgetting"] == 0.0
     assert full["delta"] == pytest.approx(full["miou_after"] - full["miou_before"])
+    # Forgetting: paired on the same images and probe seeds, inside its own bootstrap interval.
     assert full["forgetting"] == pytest.approx(init["natural_miou"] - full["natural_miou"])
+    assert full["forgetting_low"] <= full["forgetting"] <= full["forgetting_high"] and init["forgetting_low"] == 0.0
+    summary = json.loads((out / "full-s0" / "summary.json").read_text())
+    assert full["step_s"] == pytest.approx(summary["train_cpu_s"] / 4)
+    assert full["step_s"] > 0 and full["train_peak_mb"] > 0
+    assert full["step_ratio"] is None  # no glare run to compare with
     assert full["natural_miou"] != full["miou_after"]  # the natural probe runs at study.img_size, not eval's
     assert 0.0 < full["drift_photos"] < 1.0 and 0.0 < full["drift_natural"] < 1.0
     assert full["wall_s"] > full["train_s"] > 0 and full["stop_reason"] == ""
