@@ -419,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     # An invalid point's trial ends with no result at all, which Tune's strict check would turn into a
     # crash of the whole sweep. A metric that no trial reports shows instead as "NO RESULT" rows.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    if not args.verbose:
+        # Tune's new console output prints its experiment box and paths even at verbose=0; the
+        # classic reporter prints nothing then, and the sweep's own one line per trial remains.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     resources = connect(sweep, cfg, args.verbose)
     results = build_tuner(sweep, cfg, exp_dir, resources, args.verbose).fit()
     summary = write_outputs(results, sweep, cfg, exp_dir)

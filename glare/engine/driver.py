@@ -35,9 +35,15 @@ def ordered_ingest() -> Any:
     The workers' shards then reach them in the same order on every run, so the seeded shuffle
     (``data.shuffle_buffer``) makes a run repeatable.
     """
+    import warnings
+
     import ray.train
 
-    options = ray.train.DataConfig.default_ingest_options()
+    with warnings.catch_warnings():
+        # Ray's own default_ingest_options copies the deprecated `exclude_resources` option and warns
+        # about it (Ray 2.5x); nothing the user can act on, so it stays off the console.
+        warnings.filterwarnings("ignore", message=".*exclude_resources.*")
+        options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
     return ray.train.DataConfig(execution_options=options)
 
