@@ -91,11 +91,18 @@ def train_trial(point: dict[str, Any], base: dict[str, Any], exp_dir: str) -> No
         # FailureConfig, a point that can only fail again.
         print(f"[sweep] invalid point, trial skipped: {err}", flush=True)
         return
+    class TrialReports(TuneReportCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            # The closing report's "done" is Tune's own key for "this trial has ended": Tune would stop
+            # the trial's actor on it, before run() returns and writes train/summary.json.
+            super().after_report(run_context, [{k: v for k, v in m.items() if k != "done"} for m in metrics],
+                                 checkpoint)
+
     trial_id = ray.tune.get_context().get_trial_id()
     cfg.train.storage_path = str(Path(exp_dir) / (TRIAL_PREFIX + trial_id))
     cfg.train.run_name = RUN_NAME
     # A restarted trial finds its run here and resumes from its last checkpoint.
-    summary = run(cfg, callbacks=[TuneReportCallback()], report=False)  # the sweep reports its best trial
+    summary = run(cfg, callbacks=[TrialReports()], report=False)  # the sweep reports its best trial
     if summary["stop_reason"]:
         raise TrainingStopped(summary["stop_reason"])
 
@@ -171,16 +178,16 @@ def make_searcher(sweep: SweepConfig, cfg: GlareConfig, db: Path):
 
 
 def make_scheduler(sweep: SweepConfig, cfg: GlareConfig):
-    """ASHA over the reported ``step`` (None: run every trial to the end)."""
-    from ray.tune.schedulers import ASHAScheduler
+    """ASHA over the reported ``step``, its rungs rebuilt on a resume (None: run every trial to the end)."""
+    from tune.resume import ResumableASHA
 
     if not sweep.scheduler.enabled:
         return None
     grace, max_t = scheduler_bounds(sweep, cfg)
     # stop_last_trials=False: a trial past the last rung runs to its end instead of being cut at its
     # final report, while glare.train still writes its summary.
-    return ASHAScheduler(time_attr="step", metric=sweep.metric, mode=sweep.mode, max_t=max_t, grace_period=grace,
-                         reduction_factor=sweep.scheduler.reduction_factor, stop_last_trials=False)
+    return ResumableASHA(time_attr="step", metric=sweep.metric, mode=sweep.mode, max_t=max_t, grace_period=grace,
+                        reduction_factor=sweep.scheduler.reduction_factor, stop_last_trials=False)
 
 
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -254,7 +261,12 @@ def build_tuner(sweep: SweepConfig, cfg: GlareConfig, exp_dir: Path, resources: 
         {"cpu": sweep.resources.trial_cpus},
     )
     if tune.Tuner.can_restore(exp_dir):
+        from tune.resume import forget_unsaved_trials
+
         print(f"[sweep] resuming {exp_dir}", flush=True)
+        if removed := forget_unsaved_trials(exp_dir, sweep.name):
+            print(f"[sweep] removed {', '.join(removed)}: started after the last saved state, it runs again",
+                  flush=True)
         return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=False)
     save_settings(exp_dir, sweep, cfg)
     concurrent = max_concurrent_trials(sweep, cfg, resources)

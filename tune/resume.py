@@ -1,0 +1,111 @@
+"""What a resumed sweep needs beyond ``Tuner.restore`` to reach an uninterrupted sweep's decisions.
+
+Tune restores its trials and the searcher's state from the last experiment-state save, but
+(1) rebuilds the scheduler from ``tuner.pkl``, so ASHA's rungs start empty and a resumed trial
+passes rungs that would have stopped it, and (2) knows nothing of what the killed driver did after
+that save: a trial it had started leaves its folder and a RUNNING Optuna trial behind, and the
+restored searcher asks for that trial again under a new id.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ray.tune.schedulers import ASHAScheduler
+
+from tune.sweep import TRIAL_PREFIX
+
+
+def recorded_results(trial: Any) -> list[dict[str, Any]]:
+    """The results Tune logged for ``trial`` (its ``result.json``, one JSON object a line; a torn last line skipped)."""
+    path = Path(trial.local_path) / "result.json"
+    results = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            results.append(json.loads(line))
+        except json.JSONDecodeError:  # the line the killed driver was writing
+            pass
+    return results
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs survive a resume: a restored trial's logged results are replayed into its bracket.
+
+    A rung records each trial's metric at its first result past the milestone, whatever order the
+    trials come in, so the replay rebuilds the rungs the killed run had. A trial the killed run had
+    stopped but not yet saved as stopped (a ``done`` result) is stopped at its next result.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stop_from: dict[str, float] = {}  # trial id -> the step the killed run stopped it at
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        bracket = self._trial_info[trial.trial_id]
+        for result in recorded_results(trial):
+            step, value = result.get(self._time_attr), result.get(self._metric)
+            if step is None or value is None:
+                continue
+            bracket.on_result(trial, step, self._metric_op * value)
+            if result.get("done") and trial.status != "TERMINATED":
+                self._stop_from.setdefault(trial.trial_id, step)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        # A resumed trial re-reports the steps after its checkpoint; their rung records are replayed
+        # already (the bracket then says CONTINUE), but a stop the killed run made must hold.
+        stop = self._stop_from.get(trial.trial_id)
+        if stop is not None and result.get(self._time_attr, -1) >= stop:
+            return self.STOP
+        return super().on_trial_result(tune_controller, trial, result)
+
+
+def _newest(exp_dir: Path, pattern: str) -> Path | None:
+    found = sorted(exp_dir.glob(pattern), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def forget_unsaved_trials(exp_dir: Path, study_name: str) -> list[str]:
+    """Remove what trials started after the last experiment-state save left behind; returns their folders' names.
+
+    The restored searcher proposes such a trial again (its sampler's random state is restored with it)
+    under a new trial id, so its old folder and its RUNNING Optuna trial would be orphans, and the
+    Optuna trial numbers would no longer follow the sweep's order.
+    """
+    import optuna
+    from optuna.storages._rdb.models import TrialModel
+
+    state, searcher = _newest(exp_dir, "experiment_state-*.json"), _newest(exp_dir, "searcher-state-*.pkl")
+    if state is None or searcher is None:
+        return []
+    known = {json.loads(t)["trial_id"] for t, _ in json.loads(state.read_text())["trial_data"]}
+    removed = []
+    for folder in sorted(exp_dir.glob(TRIAL_PREFIX + "*")):
+        if folder.is_dir() and folder.name.removeprefix(TRIAL_PREFIX) not in known:
+            shutil.rmtree(folder)
+            removed.append(folder.name)
+    db = exp_dir / "optuna.db"
+    if not db.is_file():
+        return removed
+    with open(searcher, "rb") as f:
+        saved = pickle.load(f)
+    asked = {t._trial_id for t in saved.get("_ot_trials", {}).values()}  # the study's ids the searcher knows
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial._trial_id in asked:
+            continue
+        # Optuna has no call to delete a trial; its ORM cascades to the trial's params and values.
+        session = storage.scoped_session()
+        try:
+            session.delete(session.get(TrialModel, trial._trial_id))
+            session.commit()
+        finally:
+            session.close()
+        if "fixed_params" in trial.system_attrs:  # an enqueued point that the unsaved trial had taken
+            study.enqueue_trial(trial.system_attrs["fixed_params"])
+    return removed
