@@ -370,3 +370,56 @@ def test_sweep_as_a_ray_job_resumes_after_its_driver_is_killed(tmp_path):
     assert best["status"] == "COMPLETED" and float(best["miou_final"]) == max(completed)
     assert to_dict(load_config(exp / "best_config.yaml")) == to_dict(apply_point(base, summary["best"]["point"]))
     assert {p.name for p in (exp / "plots").iterdir()} == {"history.png", "intermediate.png", "importance.png"}
+
+
+def decisions(exp: Path) -> tuple[list[tuple[str, str, dict[str, str]]], dict[str, Any]]:
+    """Per trial, in the sweep's order: status, last step and point (ids are random); and the best point."""
+    keys = load_sweep("tiny").params()
+    rows = [(r["status"], r["steps"], {k: r[k] for k in keys}) for r in read_rows(exp)]
+    return rows, json.loads((exp / "summary.json").read_text())["best"]["point"]
+
+
+def assert_exact_records(exp: Path) -> None:
+    """Every trial folder is in results.csv; each training step is logged once; a completed run has its summary."""
+    rows = read_rows(exp)
+    assert {p.name for p in exp.glob("trial_*")} == {f"trial_{r['trial_id']}" for r in rows}
+    for row in rows:
+        train = exp / f"trial_{row['trial_id']}" / "train"
+        if row["status"] == "INVALID":
+            continue
+        records = [json.loads(line) for line in (train / "metrics.jsonl").read_text().splitlines()]
+        logged = [(r.get("event", "step"), r.get("step")) for r in records
+                  if r.get("event", "step") in ("step", "probe", "end", "head_bootstrap")]
+        assert len(logged) == len(set(logged)), (row["trial_id"], logged)
+        if row["status"] == "COMPLETED":
+            assert json.loads((train / "summary.json").read_text())["steps"] == 6
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_sweep_makes_the_decisions_of_an_uninterrupted_one(tmp_path):
+    """The same seeded 3-trial sweep, once straight through and once with its driver (which started Ray itself)
+    SIGKILLed after the first trial ended and rerun: the same ASHA stops, completions and best point."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    with private_ray() as env:
+        run = subprocess.run(sweep_command(straight), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    with private_ray() as env:
+        exp = resumed / "glare-sweep-tiny"
+        driver = subprocess.Popen(sweep_command(resumed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: terminated_trials(exp), 400, "a finished trial", alive=driver)
+        finally:
+            driver.kill()
+            driver.wait()
+        rerun = subprocess.run(sweep_command(resumed), cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=600)
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0 and "[sweep] resuming" in out, out[-3000:]
+    want = decisions(straight / "glare-sweep-tiny")
+    assert decisions(exp) == want
+    assert any(status == "STOPPED" for status, _, _ in want[0]), want  # ASHA had something to decide
+    for sweep in (straight / "glare-sweep-tiny", exp):
+        assert_exact_records(sweep)
+    study = optuna.load_study(study_name="glare-sweep-tiny", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
