@@ -10,8 +10,10 @@ restored searcher asks for that trial again under a new id.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +111,68 @@ def forget_unsaved_trials(exp_dir: Path, study_name: str) -> list[str]:
         if "fixed_params" in trial.system_attrs:  # an enqueued point that the unsaved trial had taken
             study.enqueue_trial(trial.system_attrs["fixed_params"])
     return removed
+
+
+SESSION_RECORD = "ray_session.json"  # in the sweep directory: the local Ray instance its driver started
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot), which tells a live driver from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
+
+
+def record_ray_session(exp_dir: Path) -> None:
+    """Note the session directory of the Ray instance this driver started, and the driver (Linux only)."""
+    import ray._private.worker as worker
+
+    node = getattr(worker, "_global_node", None)
+    if node is None or not Path("/proc/self/stat").exists():
+        return
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    record = {"session_dir": node.get_session_dir_path(), "driver_pid": os.getpid(),
+              "driver_start": _start_time(os.getpid())}
+    (exp_dir / SESSION_RECORD).write_text(json.dumps(record, indent=1))
+
+
+def session_processes(session_dir: str) -> list[int]:
+    """This user's processes holding a file open in ``session_dir`` (each Ray process logs there)."""
+    prefix = session_dir.rstrip("/") + "/"
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd).startswith(prefix) for fd in (proc / "fd").iterdir()):
+                found.append(int(proc.name))
+        except OSError:  # another user's process, or one that just ended
+            pass
+    return found
+
+
+def end_dead_session(exp_dir: Path) -> list[int]:
+    """Kill what is left of the Ray instance a killed driver of this sweep had started; returns the pids.
+
+    A SIGKILLed driver cannot stop its Ray, and some of Ray's processes (``ray::DashboardAgent``,
+    ``ray::RuntimeEnvAgent``, idle workers) outlive it. Only processes with a file open in that
+    instance's own session directory are killed, and only once its driver is gone: other Ray
+    instances on the machine (another sweep, a ``ray start`` cluster) have their own.
+    """
+    path = exp_dir / SESSION_RECORD
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    if record.get("driver_start") and _start_time(record["driver_pid"]) == record["driver_start"]:
+        return []  # its driver still runs (the same sweep started twice): not ours to end
+    pids = session_processes(record["session_dir"])
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    path.unlink(missing_ok=True)
+    return pids

@@ -142,6 +142,9 @@ def connect(sweep: SweepConfig, cfg: GlareConfig, verbose: bool = False) -> dict
         }
         init_ray(cfg, verbose, num_cpus=max(os.cpu_count() or 1, math.ceil(trial_cpus(sweep, cfg))), env_vars=env,
                  dashboard_port=port)
+        from tune.resume import record_ray_session
+
+        record_ray_session(sweep_dir(sweep))  # what a rerun ends if this driver is killed
     return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
@@ -431,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     # An invalid point's trial ends with no result at all, which Tune's strict check would turn into a
     # crash of the whole sweep. A metric that no trial reports shows instead as "NO RESULT" rows.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    from tune.resume import end_dead_session
+
+    if ended := end_dead_session(exp_dir):
+        print(f"[sweep] ended {len(ended)} leftover processes of the Ray instance a killed run of this sweep "
+              "had started", flush=True)
     resources = connect(sweep, cfg, args.verbose)
     results = build_tuner(sweep, cfg, exp_dir, resources, args.verbose).fit()
     summary = write_outputs(results, sweep, cfg, exp_dir)

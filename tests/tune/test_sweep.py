@@ -423,3 +423,33 @@ def test_killed_and_resumed_sweep_makes_the_decisions_of_an_uninterrupted_one(tm
         assert_exact_records(sweep)
     study = optuna.load_study(study_name="glare-sweep-tiny", storage=f"sqlite:///{exp / 'optuna.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+
+
+def test_a_rerun_ends_only_the_dead_drivers_ray_processes(tmp_path):
+    """Processes with a file open in the killed driver's session directory are killed; others are left alone."""
+    from tune.resume import SESSION_RECORD, _start_time, end_dead_session
+
+    holders = {}
+    for name in ("dead_session", "other_session"):
+        (tmp_path / name / "logs").mkdir(parents=True)
+        script = f"f = open({str(tmp_path / name / 'logs' / 'agent.log')!r}, 'a'); import time; time.sleep(120)"
+        holders[name] = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        wait_for(lambda: all(any(os.readlink(fd).endswith("agent.log") for fd in Path(f"/proc/{p.pid}/fd").iterdir())
+                             for p in holders.values()), 30, "the holders' open files")
+        record = tmp_path / SESSION_RECORD
+        # Its driver still runs (here: this test): nothing is ended.
+        record.write_text(json.dumps({"session_dir": str(tmp_path / "dead_session"), "driver_pid": os.getpid(),
+                                      "driver_start": _start_time(os.getpid())}))
+        assert end_dead_session(tmp_path) == [] and holders["dead_session"].poll() is None
+        # Its driver is gone (a pid whose start time no longer matches): the session's processes are ended.
+        record.write_text(json.dumps({"session_dir": str(tmp_path / "dead_session"), "driver_pid": os.getpid(),
+                                      "driver_start": "0"}))
+        assert end_dead_session(tmp_path) == [holders["dead_session"].pid]
+        assert holders["dead_session"].wait(timeout=10) == -signal.SIGKILL
+        assert holders["other_session"].poll() is None and not record.exists()
+        assert end_dead_session(tmp_path) == []  # no record: nothing to do
+    finally:
+        for p in holders.values():
+            p.kill()
+            p.wait()
