@@ -10,6 +10,7 @@ restored searcher asks for that trial again under a new id.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -19,27 +20,58 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler
 
-from tune.sweep import TRIAL_PREFIX
+from tune.sweep import RUN_NAME, TRIAL_PREFIX
 
 
-def recorded_results(trial: Any) -> list[dict[str, Any]]:
-    """The results Tune logged for ``trial`` (its ``result.json``, one JSON object a line; a torn last line skipped)."""
-    path = Path(trial.local_path) / "result.json"
-    results = []
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (none if it is missing; a torn last line skipped)."""
+    records = []
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
-            results.append(json.loads(line))
-        except json.JSONDecodeError:  # the line the killed driver was writing
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the line a killed writer left half-written
             pass
-    return results
+    return records
+
+
+def resume_step(trial_dir: Path) -> int:
+    """The step a restarted trial's training resumes from: its newest checkpoint's (-1: it starts afresh)."""
+    from glare.train import checkpoint_step, latest_checkpoint
+
+    last = latest_checkpoint(trial_dir / RUN_NAME)
+    try:
+        return checkpoint_step(last) if last is not None else -1
+    except Exception:  # a checkpoint the killed run left half-written: Ray Train resumes from an older one
+        return -1
+
+
+def recorded_results(trial: Any, time_attr: str) -> list[dict[str, Any]]:
+    """The results ``trial`` reported before the sweep stopped, the ones its restart will not report again.
+
+    Tune's ``result.json`` in the sweep directory holds what Tune had processed by its last saved state.
+    A trial that was still running restarts from its training run's newest checkpoint and reports the
+    steps after it again, so only the results up to that step count; those logged after the saved
+    state are still in the run's ``metrics.jsonl``.
+    """
+    try:
+        trial_dir = Path(trial.path)
+    except RuntimeError:  # a new trial: no folder yet, nothing recorded
+        return []
+    results = _json_lines(trial_dir / "result.json")
+    if trial.status == "TERMINATED":
+        return results
+    last = resume_step(trial_dir)
+    logged = [r for r in _json_lines(trial_dir / RUN_NAME / "metrics.jsonl") if "event" not in r]
+    return [r for r in results + logged if r.get(time_attr, math.inf) <= last]
 
 
 class ResumableASHA(ASHAScheduler):
-    """ASHA whose rungs survive a resume: a restored trial's logged results are replayed into its bracket.
+    """ASHA whose rungs survive a resume: a restored trial's recorded results are replayed into its bracket.
 
     A rung records each trial's metric at its first result past the milestone, whatever order the
-    trials come in, so the replay rebuilds the rungs the killed run had. A trial the killed run had
-    stopped but not yet saved as stopped (a ``done`` result) is stopped at its next result.
+    trials come in, so the replay rebuilds the rungs the killed run had (exactly so with one trial at
+    a time; concurrent trials reach a rung in a timing-dependent order anyway). A trial the killed run
+    had stopped but not yet saved as stopped (a ``done`` result) is stopped at its next result.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -49,7 +81,7 @@ class ResumableASHA(ASHAScheduler):
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)
         bracket = self._trial_info[trial.trial_id]
-        for result in recorded_results(trial):
+        for result in recorded_results(trial, self._time_attr):
             step, value = result.get(self._time_attr), result.get(self._metric)
             if step is None or value is None:
                 continue
@@ -58,7 +90,7 @@ class ResumableASHA(ASHAScheduler):
                 self._stop_from.setdefault(trial.trial_id, step)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        # A resumed trial re-reports the steps after its checkpoint; their rung records are replayed
+        # A resumed trial reports the steps after its checkpoint again; their rung records are replayed
         # already (the bracket then says CONTINUE), but a stop the killed run made must hold.
         stop = self._stop_from.get(trial.trial_id)
         if stop is not None and result.get(self._time_attr, -1) >= stop:
