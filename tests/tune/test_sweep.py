@@ -453,3 +453,36 @@ def test_a_rerun_ends_only_the_dead_drivers_ray_processes(tmp_path):
         for p in holders.values():
             p.kill()
             p.wait()
+
+
+def test_asha_rebuilds_its_rungs_from_the_restored_trials_results(tmp_path):
+    """Tune restores no scheduler state: the rungs come back from the trials' result.json files, so a trial
+    below the restored rung's cutoff is stopped as in the uninterrupted sweep."""
+    from types import SimpleNamespace
+
+    from tune.sweep import make_scheduler
+
+    sweep = load_sweep("tiny")
+    scheduler = make_scheduler(sweep, sweep_base_config(sweep))  # rungs at steps 2 and 4
+    finished = SimpleNamespace(trial_id="a", path=str(tmp_path / "trial_a"), status="TERMINATED")
+    Path(finished.path).mkdir()
+    results = [{"step": 2, "miou": 0.5}, {"step": 4, "miou": 0.6}, {"step": 6, "miou": 0.7, "done": True}]
+    Path(finished.path, "result.json").write_text("".join(json.dumps(r) + "\n" for r in results) + '{"step": 8')
+    scheduler.on_trial_add(None, finished)
+    assert [recorded for _, recorded in scheduler._brackets[0]._rungs] == [{"a": 0.6}, {"a": 0.5}]
+    class NewTrial:  # no folder yet: Tune's Trial.path raises
+        trial_id, status = "b", "PENDING"
+
+        @property
+        def path(self) -> str:
+            raise RuntimeError("Should not access `trial_driver_staging_path` without setting `trial_dir_name`")
+
+    new = NewTrial()
+    scheduler.on_trial_add(None, new)
+    assert scheduler.on_trial_result(None, new, {"step": 2, "miou": 0.4}) == "STOP"
+    # An unfinished trial without a checkpoint starts afresh: nothing of it is replayed.
+    running = SimpleNamespace(trial_id="c", path=str(tmp_path / "trial_c"), status="PENDING")
+    Path(running.path).mkdir()
+    Path(running.path, "result.json").write_text(json.dumps({"step": 2, "miou": 0.9}) + "\n")
+    scheduler.on_trial_add(None, running)
+    assert "c" not in scheduler._brackets[0]._rungs[1][1]
