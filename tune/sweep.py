@@ -362,7 +362,15 @@ def write_outputs(results: Any, sweep: SweepConfig, cfg: GlareConfig, exp_dir: P
     """results.csv, best_config.yaml, plots/ and summary.json in ``exp_dir``; returns the summary."""
     import pandas as pd
 
+    from glare.train import stopped_summary
+
     rows = trial_rows(results, sweep, cfg)
+    for row in rows:
+        run_dir = exp_dir / (TRIAL_PREFIX + row["trial_id"]) / RUN_NAME
+        # A trial ASHA stopped had its actor ended inside training: its run wrote no summary.json.
+        if row["status"] == "STOPPED" and run_dir.is_dir() and not (run_dir / "summary.json").exists():
+            reason = f"stopped by the sweep's scheduler (ASHA) after step {row['steps']}"
+            (run_dir / "summary.json").write_text(json.dumps(stopped_summary(run_dir, reason), indent=2))
     table = pd.DataFrame(rows).astype({"steps": "Int64"})  # stays integer next to trials without steps
     table.to_csv(exp_dir / "results.csv", index=False)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 60):
