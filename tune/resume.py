@@ -188,6 +188,8 @@ def session_processes(session_dir: str) -> list[int]:
 def end_dead_session(exp_dir: Path) -> list[int]:
     """Kill what is left of the Ray instance a killed driver of this sweep had started; returns the pids.
 
+    Raises RuntimeError if that driver still runs: two drivers of one sweep would undo each other's trials.
+
     A SIGKILLed driver cannot stop its Ray, and some of Ray's processes (``ray::DashboardAgent``,
     ``ray::RuntimeEnvAgent``, idle workers) outlive it. Only processes with a file open in that
     instance's own session directory are killed, and only once its driver is gone: other Ray
@@ -199,7 +201,8 @@ def end_dead_session(exp_dir: Path) -> list[int]:
     except (OSError, json.JSONDecodeError):
         return []
     if record.get("driver_start") and _start_time(record["driver_pid"]) == record["driver_start"]:
-        return []  # its driver still runs (the same sweep started twice): not ours to end
+        raise RuntimeError(f"another driver (pid {record['driver_pid']}) is running this sweep ({exp_dir}); "
+                           "wait for it or stop it before rerunning")
     pids = session_processes(record["session_dir"])
     for pid in pids:
         try:

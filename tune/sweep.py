@@ -444,7 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     from tune.resume import end_dead_session
 
-    if ended := end_dead_session(exp_dir):
+    try:
+        ended = end_dead_session(exp_dir)
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if ended:
         print(f"[sweep] ended {len(ended)} leftover processes of the Ray instance a killed run of this sweep "
               "had started", flush=True)
     resources = connect(sweep, cfg, args.verbose)

@@ -439,10 +439,12 @@ def test_a_rerun_ends_only_the_dead_drivers_ray_processes(tmp_path):
         wait_for(lambda: all(any(os.readlink(fd).endswith("agent.log") for fd in Path(f"/proc/{p.pid}/fd").iterdir())
                              for p in holders.values()), 30, "the holders' open files")
         record = tmp_path / SESSION_RECORD
-        # Its driver still runs (here: this test): nothing is ended.
+        # Its driver still runs (here: this test): nothing is ended, the rerun is refused.
         record.write_text(json.dumps({"session_dir": str(tmp_path / "dead_session"), "driver_pid": os.getpid(),
                                       "driver_start": _start_time(os.getpid())}))
-        assert end_dead_session(tmp_path) == [] and holders["dead_session"].poll() is None
+        with pytest.raises(RuntimeError, match=f"another driver \\(pid {os.getpid()}\\) is running this sweep"):
+            end_dead_session(tmp_path)
+        assert holders["dead_session"].poll() is None
         # Its driver is gone (a pid whose start time no longer matches): the session's processes are ended.
         record.write_text(json.dumps({"session_dir": str(tmp_path / "dead_session"), "driver_pid": os.getpid(),
                                       "driver_start": "0"}))
