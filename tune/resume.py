@@ -4,7 +4,8 @@ Tune restores its trials and the searcher's state from the last experiment-state
 (1) rebuilds the scheduler from ``tuner.pkl``, so ASHA's rungs start empty and a resumed trial
 passes rungs that would have stopped it, and (2) knows nothing of what the killed driver did after
 that save: a trial it had started leaves its folder and a RUNNING Optuna trial behind, and the
-restored searcher asks for that trial again under a new id.
+restored searcher asks for that trial again under a new id. (3) A SIGKILLed driver that had started
+Ray itself leaves some of that instance's processes running.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler
 
-from tune.sweep import RUN_NAME, TRIAL_PREFIX
+from tune.space import RUN_NAME, TRIAL_PREFIX
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:

@@ -24,6 +24,8 @@ from glare.config import CONFIG_DIR, ConfigError, GlareConfig, from_dict, load_c
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 RANGE_FIELDS = ("low", "high", "log", "step", "choices")
+TRIAL_PREFIX = "trial_"  # each trial's folder in the sweep directory: trial_<id>
+RUN_NAME = "train"  # each trial's training run: trial_<id>/train
 
 
 class SweepConfigError(ConfigError):

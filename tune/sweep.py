@@ -37,6 +37,8 @@ from glare.config import ConfigError, GlareConfig, from_dict, to_dict  # noqa: E
 from glare.config import to_yaml as config_yaml  # noqa: E402
 from glare.preflight import check_model, check_storage, preflight  # noqa: E402
 from tune.space import (  # noqa: E402
+    RUN_NAME,
+    TRIAL_PREFIX,
     SweepConfig,
     SweepConfigError,
     apply_point,
@@ -50,9 +52,6 @@ from tune.space import (  # noqa: E402
     trial_config,
 )
 from tune.space import to_yaml as sweep_yaml  # noqa: E402
-
-TRIAL_PREFIX = "trial_"  # each trial's folder: trial_<id>
-RUN_NAME = "train"  # each trial's training run: trial_<id>/train
 
 
 class TrainingStopped(RuntimeError):
