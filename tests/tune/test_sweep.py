@@ -402,19 +402,19 @@ def test_killed_and_resumed_sweep_makes_the_decisions_of_an_uninterrupted_one(tm
     SIGKILLed after the first trial ended and rerun: the same ASHA stops, completions and best point."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     with private_ray() as env:
-        run = subprocess.run(sweep_command(straight), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        run = subprocess.run(sweep_command(straight), cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
         assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     with private_ray() as env:
         exp = resumed / "glare-sweep-tiny"
         driver = subprocess.Popen(sweep_command(resumed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         try:
-            wait_for(lambda: terminated_trials(exp), 400, "a finished trial", alive=driver)
+            wait_for(lambda: terminated_trials(exp), 1200, "a finished trial", alive=driver)
         finally:
             driver.kill()
             driver.wait()
         rerun = subprocess.run(sweep_command(resumed), cwd=REPO, env=env, capture_output=True, text=True,
-                               timeout=600)
+                               timeout=1500)
     out = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0 and "[sweep] resuming" in out, out[-3000:]
     want = decisions(straight / "glare-sweep-tiny")
@@ -489,3 +489,34 @@ def test_asha_rebuilds_its_rungs_from_the_restored_trials_results(tmp_path):
     Path(running.path, "result.json").write_text(json.dumps({"step": 2, "miou": 0.9}) + "\n")
     scheduler.on_trial_add(None, running)
     assert "c" not in scheduler._brackets[0]._rungs[1][1]
+
+
+def test_a_resume_forgets_the_trials_started_after_the_last_saved_state(tmp_path):
+    """The killed driver's unsaved trials leave no folder and no RUNNING Optuna trial; an enqueued point such a
+    trial had taken is enqueued again, and the next trial gets the number the lost one had."""
+    import pickle
+
+    from tune.resume import forget_unsaved_trials
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    study.enqueue_trial({"x": 0.5})
+    saved = study.ask()  # the base point, a trial Tune's saved state knows
+    saved.suggest_float("x", 0.0, 1.0)
+    study.tell(saved, 0.7)
+    study.enqueue_trial({"x": 0.25})
+    lost = study.ask()  # taken after the save by a trial that then died with the driver
+    lost.suggest_float("x", 0.0, 1.0)
+    (tmp_path / "experiment_state-1.json").write_text(json.dumps({"trial_data": [[json.dumps({"trial_id": "a"}), {}]]}))
+    (tmp_path / "searcher-state-1.pkl").write_bytes(pickle.dumps({"_ot_trials": {"a": saved}}))
+    for name in ("trial_a", "trial_b"):
+        (tmp_path / name / "train").mkdir(parents=True)
+
+    assert forget_unsaved_trials(tmp_path, "s") == ["trial_b"]
+    assert [p.name for p in tmp_path.glob("trial_*")] == ["trial_a"]
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert [(t.number, t.state.name) for t in study.trials] == [(0, "COMPLETE"), (1, "WAITING")]
+    again = study.ask()
+    assert (again.number, again.suggest_float("x", 0.0, 1.0)) == (1, 0.25)
+    assert forget_unsaved_trials(tmp_path, "s") == []  # the asked trial is RUNNING but not Tune's: gone again
+    assert [t.state.name for t in optuna.load_study(study_name="s", storage=storage).trials] == ["COMPLETE", "WAITING"]
