@@ -9,7 +9,8 @@ values; ASHA stops weak trials at the intermediate linear-probe evaluations.
 
 Run it from the repository root, locally (it starts Ray itself) or on a
 cluster, unchanged: ``ray job submit --working-dir . -- python tune/sweep.py ...``.
-Rerunning the same command resumes an interrupted sweep. The sweep directory
+Rerunning the same command resumes an interrupted sweep, with the decisions an uninterrupted one
+would make (``tune/resume.py``: ASHA's rungs, unsaved trials, a killed driver's Ray). The sweep directory
 (``sweep.storage_path/sweep.name``) ends with ``results.csv``,
 ``best_config.yaml`` (for ``python -m glare.train --config``), the Optuna
 study ``optuna.db`` (``optuna-dashboard sqlite:///…/optuna.db``), ``plots/``
