@@ -49,21 +49,22 @@ def resume_step(trial_dir: Path) -> int:
 def recorded_results(trial: Any, time_attr: str) -> list[dict[str, Any]]:
     """The results ``trial`` reported before the sweep stopped, the ones its restart will not report again.
 
-    Tune's ``result.json`` in the sweep directory holds what Tune had processed by its last saved state.
-    A trial that was still running restarts from its training run's newest checkpoint and reports the
-    steps after it again, so only the results up to that step count; those logged after the saved
-    state are still in the run's ``metrics.jsonl``.
+    Tune's ``result.json`` in the sweep directory holds what Tune had processed by its last saved state
+    (a restarted trial's holds only what came after its restart); the run's ``metrics.jsonl`` holds
+    every evaluation. A trial that was still running restarts from its training run's newest
+    checkpoint and reports the steps after it again, so only the results up to that step count.
     """
     try:
         trial_dir = Path(trial.path)
     except RuntimeError:  # a new trial: no folder yet, nothing recorded
         return []
-    results = _json_lines(trial_dir / "result.json")
+    logged = [r for r in _json_lines(trial_dir / RUN_NAME / "metrics.jsonl") if "event" not in r]
+    # Sorted by step: a rung takes a trial's first result past its milestone.
+    results = sorted(_json_lines(trial_dir / "result.json") + logged, key=lambda r: r.get(time_attr, math.inf))
     if trial.status == "TERMINATED":
         return results
     last = resume_step(trial_dir)
-    logged = [r for r in _json_lines(trial_dir / RUN_NAME / "metrics.jsonl") if "event" not in r]
-    return [r for r in results + logged if r.get(time_attr, math.inf) <= last]
+    return [r for r in results if r.get(time_attr, math.inf) <= last]
 
 
 class ResumableASHA(ASHAScheduler):
