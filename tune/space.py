@@ -25,6 +25,8 @@ from glare.preflight import check_model_rules
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 RANGE_FIELDS = ("low", "high", "log", "step", "choices")
+TRIAL_PREFIX = "trial_"  # each trial's folder in the sweep directory: trial_<id>
+RUN_NAME = "train"  # each trial's training run: trial_<id>/train
 
 
 class SweepConfigError(ConfigError):

@@ -9,7 +9,8 @@ values; ASHA stops weak trials at the intermediate linear-probe evaluations.
 
 Run it from the repository root, locally (it starts Ray itself) or on a
 cluster, unchanged: ``ray job submit --working-dir . -- python tune/sweep.py ...``.
-Rerunning the same command resumes an interrupted sweep. The sweep directory
+Rerunning the same command resumes an interrupted sweep, with the decisions an uninterrupted one
+would make (``tune/resume.py``: ASHA's rungs, unsaved trials, a killed driver's Ray). The sweep directory
 (``sweep.storage_path/sweep.name``) ends with ``results.csv``,
 ``best_config.yaml`` (for ``python -m glare.train --config``), the Optuna
 study ``optuna.db`` (``optuna-dashboard sqlite:///…/optuna.db``), ``plots/``
@@ -37,6 +38,8 @@ from glare.config import ConfigError, GlareConfig, from_dict, to_dict  # noqa: E
 from glare.config import to_yaml as config_yaml  # noqa: E402
 from glare.preflight import check_model, check_storage, preflight  # noqa: E402
 from tune.space import (  # noqa: E402
+    RUN_NAME,
+    TRIAL_PREFIX,
     SweepConfig,
     SweepConfigError,
     apply_point,
@@ -50,9 +53,6 @@ from tune.space import (  # noqa: E402
     trial_config,
 )
 from tune.space import to_yaml as sweep_yaml  # noqa: E402
-
-TRIAL_PREFIX = "trial_"  # each trial's folder: trial_<id>
-RUN_NAME = "train"  # each trial's training run: trial_<id>/train
 
 
 class TrainingStopped(RuntimeError):
@@ -91,11 +91,18 @@ def train_trial(point: dict[str, Any], base: dict[str, Any], exp_dir: str) -> No
         # FailureConfig, a point that can only fail again.
         print(f"[sweep] invalid point, trial skipped: {err}", flush=True)
         return
+    class TrialReports(TuneReportCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            # The closing report's "done" is Tune's own key for "this trial has ended": Tune would stop
+            # the trial's actor on it, before run() returns and writes train/summary.json.
+            super().after_report(run_context, [{k: v for k, v in m.items() if k != "done"} for m in metrics],
+                                 checkpoint)
+
     trial_id = ray.tune.get_context().get_trial_id()
     cfg.train.storage_path = str(Path(exp_dir) / (TRIAL_PREFIX + trial_id))
     cfg.train.run_name = RUN_NAME
     # A restarted trial finds its run here and resumes from its last checkpoint.
-    summary = run(cfg, callbacks=[TuneReportCallback()], report=False)  # the sweep reports its best trial
+    summary = run(cfg, callbacks=[TrialReports()], report=False)  # the sweep reports its best trial
     if summary["stop_reason"]:
         raise TrainingStopped(summary["stop_reason"])
 
@@ -135,6 +142,9 @@ def connect(sweep: SweepConfig, cfg: GlareConfig, verbose: bool = False) -> dict
         }
         init_ray(cfg, verbose, num_cpus=max(os.cpu_count() or 1, math.ceil(trial_cpus(sweep, cfg))), env_vars=env,
                  dashboard_port=port)
+        from tune.resume import record_ray_session
+
+        record_ray_session(sweep_dir(sweep))  # what a rerun ends if this driver is killed
     return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
@@ -171,16 +181,16 @@ def make_searcher(sweep: SweepConfig, cfg: GlareConfig, db: Path):
 
 
 def make_scheduler(sweep: SweepConfig, cfg: GlareConfig):
-    """ASHA over the reported ``step`` (None: run every trial to the end)."""
-    from ray.tune.schedulers import ASHAScheduler
+    """ASHA over the reported ``step``, its rungs rebuilt on a resume (None: run every trial to the end)."""
+    from tune.resume import ResumableASHA
 
     if not sweep.scheduler.enabled:
         return None
     grace, max_t = scheduler_bounds(sweep, cfg)
     # stop_last_trials=False: a trial past the last rung runs to its end instead of being cut at its
     # final report, while glare.train still writes its summary.
-    return ASHAScheduler(time_attr="step", metric=sweep.metric, mode=sweep.mode, max_t=max_t, grace_period=grace,
-                         reduction_factor=sweep.scheduler.reduction_factor, stop_last_trials=False)
+    return ResumableASHA(time_attr="step", metric=sweep.metric, mode=sweep.mode, max_t=max_t, grace_period=grace,
+                        reduction_factor=sweep.scheduler.reduction_factor, stop_last_trials=False)
 
 
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -254,7 +264,12 @@ def build_tuner(sweep: SweepConfig, cfg: GlareConfig, exp_dir: Path, resources: 
         {"cpu": sweep.resources.trial_cpus},
     )
     if tune.Tuner.can_restore(exp_dir):
+        from tune.resume import forget_unsaved_trials
+
         print(f"[sweep] resuming {exp_dir}", flush=True)
+        if removed := forget_unsaved_trials(exp_dir, sweep.name):
+            print(f"[sweep] removed {', '.join(removed)}: started after the last saved state, it runs again",
+                  flush=True)
         return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=False)
     save_settings(exp_dir, sweep, cfg)
     concurrent = max_concurrent_trials(sweep, cfg, resources)
@@ -347,7 +362,15 @@ def write_outputs(results: Any, sweep: SweepConfig, cfg: GlareConfig, exp_dir: P
     """results.csv, best_config.yaml, plots/ and summary.json in ``exp_dir``; returns the summary."""
     import pandas as pd
 
+    from glare.engine.driver import stopped_summary
+
     rows = trial_rows(results, sweep, cfg)
+    for row in rows:
+        run_dir = exp_dir / (TRIAL_PREFIX + row["trial_id"]) / RUN_NAME
+        # A trial ASHA stopped had its actor ended inside training: its run wrote no summary.json.
+        if row["status"] == "STOPPED" and run_dir.is_dir() and not (run_dir / "summary.json").exists():
+            reason = f"stopped by the sweep's scheduler (ASHA) after step {row['steps']}"
+            (run_dir / "summary.json").write_text(json.dumps(stopped_summary(run_dir, reason), indent=2))
     table = pd.DataFrame(rows).astype({"steps": "Int64"})  # stays integer next to trials without steps
     table.to_csv(exp_dir / "results.csv", index=False)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 60):
@@ -423,6 +446,16 @@ def main(argv: list[str] | None = None) -> int:
         # Tune's new console output prints its experiment box and paths even at verbose=0; the
         # classic reporter prints nothing then, and the sweep's own one line per trial remains.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    from tune.resume import end_dead_session
+
+    try:
+        ended = end_dead_session(exp_dir)
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if ended:
+        print(f"[sweep] ended {len(ended)} leftover processes of the Ray instance a killed run of this sweep "
+              "had started", flush=True)
     resources = connect(sweep, cfg, args.verbose)
     results = build_tuner(sweep, cfg, exp_dir, resources, args.verbose).fit()
     summary = write_outputs(results, sweep, cfg, exp_dir)

@@ -88,6 +88,26 @@ def probe_records(run_dir: Path, skip: int = 0) -> list[dict[str, Any]]:
     return [json.loads(line) for line in _log_lines(run_dir)[skip:] if '"event": "probe"' in line]
 
 
+def stopped_summary(run_dir: Path, reason: str) -> dict[str, Any]:
+    """``summary.json``'s content for a run stopped from outside (a sweep's scheduler ended its trial's
+    actor before :func:`run` could write it), from its metrics.jsonl: no after-value, no export, the reason."""
+    records = [json.loads(line) for line in _log_lines(run_dir) if line.startswith("{")]
+    steps = [r for r in records if "event" not in r and "step" in r]
+    probes = probe_records(run_dir)
+    first = probes[0] if probes and probes[0]["step"] == 0 else {}
+    last_ckpt = latest_checkpoint(run_dir)
+    keys = ("images_seen", "trainable_params", "backbone_params", "images_per_s", "pretrain_images", "materialized",
+            "skipped_images", "skipped_files", "nonfinite_steps", "worker_nodes", "train_s", "train_cpu_s",
+            "train_peak_mb")
+    return {"run_dir": str(run_dir), "miou_before": first.get("miou"), "miou_after": None,
+            "steps": steps[-1]["step"] if steps else None, **dict.fromkeys(keys),
+            "probe_classes": (first.get("labelled_images") or {}).get("classes"), "stop_reason": reason,
+            "last_good_step": checkpoint_step(last_ckpt) if last_ckpt else None,
+            "checkpoint": str(last_ckpt) if last_ckpt else None, "export": None, "wall_s": None,
+            "labelled_images": first.get("labelled_images"), "class_names": first.get("class_names"),
+            "per_class_iou_before": first.get("per_class_iou"), "per_class_iou_after": None}
+
+
 def write_run_report(run_dir: Path) -> Path | None:
     """:func:`glare.report.write_report`; a failure is a warning, never the end of the run."""
     from glare.report import write_report

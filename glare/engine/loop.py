@@ -164,12 +164,14 @@ def _mean_across_workers(values: dict[str, float], device: torch.device) -> dict
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
-def truncate_log(path: Path, step: int) -> int:
+def truncate_log(path: Path, step: int, final: bool = False) -> int:
     """Keep the records of metrics.jsonl up to ``step`` (a resume's checkpoint), drop later ones and every
     closing ``end`` record; returns how many records were dropped.
 
     Everything logged at or before a checkpoint's step was written before that checkpoint, so the
-    resumed run, which redoes the steps after it, then logs each step exactly once.
+    resumed run, which redoes the steps after it, then logs each step exactly once. The ``final``
+    checkpoint (the last step's) is the exception: a resume from it redoes the closing evaluation,
+    so that step's evaluation records (``miou`` and ``probe``) go too.
     """
     if not path.is_file():
         return 0
@@ -180,7 +182,9 @@ def truncate_log(path: Path, step: int) -> int:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a killed writer
             continue
-        if record.get("event") != "end" and record.get("step", 0) <= step:
+        closing_eval = final and record.get("step") == step and (record.get("event") == "probe"
+                                                                  or set(record) == {"step", "miou"})
+        if record.get("event") != "end" and record.get("step", 0) <= step and not closing_eval:
             kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
@@ -191,19 +195,20 @@ def truncate_log(path: Path, step: int) -> int:
 class RunLog:
     """metrics.jsonl + TensorBoard in the run directory, written by rank 0 only.
 
-    ``resume_step``: the step of the checkpoint this run resumes from (None: a fresh start). The
-    log is cut back to it (:func:`truncate_log`; a fresh start empties it) and TensorBoard purges
-    later events, so a resumed run's records hold each step once.
+    ``resume_step``: the step of the checkpoint this run resumes from (None: a fresh start; ``final``:
+    the last step's, whose closing evaluation is redone). The log is cut back to it (:func:`truncate_log`;
+    a fresh start empties it) and TensorBoard purges later events, so a resumed run's records hold each
+    step once.
     """
 
-    def __init__(self, run_dir: Path | None, resume_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path | None, resume_step: int | None = None, final: bool = False) -> None:
         self.run_dir = run_dir
         self.tb = None
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
             from torch.utils.tensorboard import SummaryWriter
 
-            dropped = truncate_log(run_dir / "metrics.jsonl", resume_step if resume_step is not None else -1)
+            dropped = truncate_log(run_dir / "metrics.jsonl", resume_step if resume_step is not None else -1, final)
             if dropped and resume_step is not None:
                 say(f"metrics.jsonl: dropped {dropped} records after the checkpoint's step {resume_step}")
             self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
@@ -336,7 +341,9 @@ class WorkerRun:
         """Resume from Ray's checkpoint or bootstrap the heads; evaluate the init (rank 0, once per run)."""
         resumed = resume(self.model, self.optimizer, self.rank, self.device)
         self.state = resumed or LoopState()
-        self.runlog = RunLog(self.run_dir, resume_step=self.state.step if resumed else None)
+        # A resume from the final checkpoint (a run killed while closing) only redoes the closing evaluation.
+        self.runlog = RunLog(self.run_dir, resume_step=self.state.step if resumed else None,
+                             final=bool(resumed) and self.state.step >= self.cfg.train.steps)
         # The step of the newest checkpoint a resume can train from (None: none written yet).
         self.last_good: int | None = self.state.step if resumed else None
         if self.rank == 0:

@@ -63,6 +63,12 @@ def test_truncate_log_keeps_each_step_up_to_the_checkpoint_once(tmp_path):
     assert [json.loads(line) for line in log.read_text().splitlines()] == records[:4]
     assert truncate_log(log, -1) == 4 and log.read_text() == ""  # a fresh start under the same name
     assert truncate_log(tmp_path / "absent.jsonl", 3) == 0
+    # From the final checkpoint the closing evaluation is redone: its records at that step go, the step's stays.
+    closing = [{"step": 2, "loss": 0.9}, {"step": 2, "miou": 0.5}, {"event": "probe", "step": 2, "miou": 0.5},
+               {"event": "end", "step": 2}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in closing))
+    assert truncate_log(log, 2, final=True) == 3
+    assert [json.loads(line) for line in log.read_text().splitlines()] == closing[:1]
 
 
 def test_schedules_follow_the_step_and_the_global_batch(tiny_cfg):
