@@ -223,8 +223,12 @@ def save_settings(exp_dir: Path, sweep: SweepConfig, cfg: GlareConfig) -> None:
     (exp_dir / "base_config.yaml").write_text(config_yaml(cfg))
 
 
-def trial_progress(sweep: SweepConfig):
-    """A Tune callback printing one line per finished trial: its metric and the best so far."""
+def trial_progress(sweep: SweepConfig, max_t: int):
+    """A Tune callback printing one line per finished trial: its metric and the best so far.
+
+    The best is taken among trials that trained all ``max_t`` steps, as :func:`best_row` takes it: a
+    trial ASHA stopped early is scored at fewer steps, which is not what its config gives when trained.
+    """
     from ray.tune import Callback
 
     better = (lambda a, b: a > b) if sweep.mode == "max" else (lambda a, b: a < b)
@@ -241,10 +245,13 @@ def trial_progress(sweep: SweepConfig):
                 print(f"[sweep] trial {trial.trial_id} ({self.done}/{sweep.num_samples}) ended without "
                       f"a {sweep.metric}", flush=True)
                 return
-            if self.best is None or better(value, self.best[0]):
+            finished = isinstance(step, int) and step >= max_t
+            if finished and (self.best is None or better(value, self.best[0])):
                 self.best = (value, trial.trial_id)
+            best = f"{self.best[0]:.4f} (trial {self.best[1]})" if self.best else "none yet"
             print(f"[sweep] trial {trial.trial_id} ({self.done}/{sweep.num_samples}): {sweep.metric}={value:.4f} "
-                  f"at step {step}; best so far {self.best[0]:.4f} (trial {self.best[1]})", flush=True)
+                  f"at step {step}{'' if finished else ' (stopped early)'}; best of those that trained "
+                  f"{max_t} steps: {best}", flush=True)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.done += 1
@@ -283,7 +290,7 @@ def build_tuner(sweep: SweepConfig, cfg: GlareConfig, exp_dir: Path, resources: 
         run_config=tune.RunConfig(
             name=sweep.name, storage_path=str(exp_dir.parent),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures), verbose=1 if verbose else 0,
-            callbacks=[trial_progress(sweep)],
+            callbacks=[trial_progress(sweep, scheduler_bounds(sweep, cfg)[1])],
         ),
     )
 

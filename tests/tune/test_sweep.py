@@ -275,7 +275,9 @@ def test_sweep_records_an_invalid_point_and_finishes(tmp_path):
     assert load_config(exp / "best_config.yaml").loss.reg == 0.0
     # The console: one line per finished trial with the best so far, no trial output, the best trial's report.
     miou = float(base["miou_final"])
-    assert f"[sweep] trial {base['trial_id']} (" in out and f"miou={miou:.4f} at step 6; best so far {miou:.4f}" in out
+    assert f"[sweep] trial {base['trial_id']} (" in out
+    assert f"miou={miou:.4f} at step 6; best of those that trained 6 steps: {miou:.4f}" in out
+    assert "Configuration for experiment" not in out and "View detailed results here" not in out  # Tune's box
     assert f"[sweep] trial {invalid['trial_id']} (" in out and "ended without a miou" in out
     assert "RayTrainWorker" not in out and "Trial status" not in out
     report = exp / f"trial_{base['trial_id']}" / "train" / "report.md"
