@@ -64,6 +64,13 @@ def _pct(value: Any) -> str:
     return f"{100 * value:.2f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
 
 
+def _resume_offset(text: bytes) -> int:
+    """Where the news starts in a log a (re)started worker has just rewritten: at the ``resume`` record
+    that closes the records it kept (see ``truncate_log``); a fresh start's log starts empty."""
+    at = text.rfind(b'"event": "resume"')
+    return text.rfind(b"\n", 0, at) + 1 if at >= 0 else 0
+
+
 class RunProgress:
     """Follows a run's metrics.jsonl from byte ``offset`` and shows it; a context manager (a daemon thread).
 
@@ -78,8 +85,9 @@ class RunProgress:
                  poll_s: float = 0.5) -> None:
         self.path, self.total, self.poll_s = path, total, poll_s
         self.stream = stream or sys.stdout
-        self.offset, self.start = 0, 0
+        self.offset, self.start, self.inode = 0, 0, None
         if path.is_file():  # a resumed run's old records are not news; its bar starts at their last step
+            self.inode = path.stat().st_ino
             text = path.read_bytes()
             self.offset = text.rfind(b"\n") + 1
             for line in text[: self.offset].decode().splitlines():
@@ -130,6 +138,10 @@ class RunProgress:
         if not self.path.is_file():
             return
         with open(self.path, "rb") as f:
+            inode = os.fstat(f.fileno()).st_ino
+            if inode != self.inode:  # a new file: a (re)started worker wrote it, cut back to its checkpoint
+                self.offset = 0 if self.inode is None else _resume_offset(f.read())
+                self.inode = inode
             f.seek(self.offset)
             chunk = f.read()
         end = chunk.rfind(b"\n") + 1  # a line being written is read next time
@@ -172,6 +184,11 @@ class RunProgress:
                 self._print(f"[glare] mIoU after: {_pct(rec['miou'])}")
             else:
                 self._print(f"[glare] step {step} mIoU: {_pct(rec['miou'])}")
+        elif event == "resume":
+            if self.bar is None:
+                self.start = int(rec["step"])
+            self._print(f"[glare] resumed from step {rec['step']} (epoch {rec.get('epoch', 0)}, "
+                        f"batch {rec.get('batch', 0)})")
         elif event == "head_bootstrap":
             tokens = rec.get("tokens") or {}
             self._print("[glare] heads bootstrapped from the init's tokens: "

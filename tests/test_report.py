@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 from PIL import Image
@@ -140,3 +141,43 @@ def test_progress_bar_on_a_terminal_skips_a_resumed_runs_old_records(tmp_path):
     text = out.getvalue()
     assert "6/20" in text and "loss 2.000" in text and "\r" in text  # a redrawn bar, not lines
     assert "5/20" in text.split("6/20")[0] and "loss 3.000" not in text
+
+
+def test_progress_follows_a_log_the_restarted_worker_rewrote(tmp_path):
+    """A worker restarted mid-run cuts metrics.jsonl back to its checkpoint in a new file that ends with a
+    ``resume`` record: the console says so and goes on from there, without repeating or garbling lines."""
+    path = tmp_path / "metrics.jsonl"
+    old = [json.dumps(_step(s, 10.0 - s)) + "\n" for s in range(1, 9)]
+    out = io.StringIO()
+    with RunProgress(path, total=10, log_every=1, stream=out, poll_s=0.05) as progress:
+        with open(path, "a") as f:
+            f.write("".join(old))
+        deadline = time.monotonic() + 10
+        while progress.records_seen < 8 and time.monotonic() < deadline:  # the follower has read them
+            time.sleep(0.02)
+        rewritten = tmp_path / "metrics.jsonl.tmp"
+        resume = {"event": "resume", "step": 5, "epoch": 0, "batch": 5}
+        rewritten.write_text("".join(old[:5]) + json.dumps(resume) + "\n")
+        rewritten.replace(path)  # shorter than what was read: a follower by offset alone would miss it
+        with open(path, "a") as f:
+            f.write("".join(json.dumps(_step(s, 1.0)) + "\n" for s in range(6, 11)))
+    lines = out.getvalue().splitlines()
+    assert lines.count("[glare] resumed from step 5 (epoch 0, batch 5)") == 1
+    after = lines[lines.index("[glare] resumed from step 5 (epoch 0, batch 5)") + 1:]
+    assert after and all("loss 1.000" in line for line in after)  # only the resumed run's steps
+    assert after[-1].split()[2] == "10/10"
+
+
+def test_progress_of_a_resumed_run_starts_at_its_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(_step(s, 3.0)) + "\n" for s in range(1, 8)))  # the killed run reached 7
+    out = _Terminal()
+    with RunProgress(path, total=20, log_every=1, stream=out, poll_s=0.05) as progress:
+        tmp = tmp_path / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(_step(s, 3.0)) + "\n" for s in range(1, 6))
+                       + json.dumps({"event": "resume", "step": 5, "epoch": 0, "batch": 5}) + "\n")
+        tmp.replace(path)
+        with open(path, "a") as f:
+            f.write(json.dumps(_step(6, 2.0)) + "\n")
+    assert progress.start == 5 and progress.bar.n == 6
+    assert "resumed from step 5" in out.getvalue() and "loss 2.000" in out.getvalue()

@@ -164,18 +164,17 @@ def _mean_across_workers(values: dict[str, float], device: torch.device) -> dict
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
-def truncate_log(path: Path, step: int, final: bool = False) -> int:
+def truncate_log(path: Path, step: int, final: bool = False, note: dict[str, Any] | None = None) -> int:
     """Keep the records of metrics.jsonl up to ``step`` (a resume's checkpoint), drop later ones and every
-    closing ``end`` record; returns how many records were dropped.
+    closing ``end`` record, and append ``note`` (the ``resume`` record) in the same atomic replace, so
+    that a reader who sees the new file sees where its news starts; returns how many were dropped.
 
     Everything logged at or before a checkpoint's step was written before that checkpoint, so the
     resumed run, which redoes the steps after it, then logs each step exactly once. The ``final``
     checkpoint (the last step's) is the exception: a resume from it redoes the closing evaluation,
     so that step's evaluation records (``miou`` and ``probe``) go too.
     """
-    if not path.is_file():
-        return 0
-    lines = path.read_text().splitlines()
+    lines = path.read_text().splitlines() if path.is_file() else []
     kept = []
     for line in lines:
         try:
@@ -186,8 +185,10 @@ def truncate_log(path: Path, step: int, final: bool = False) -> int:
                                                                   or set(record) == {"step", "miou"})
         if record.get("event") != "end" and record.get("step", 0) <= step and not closing_eval:
             kept.append(line)
+    if not lines and note is None:
+        return 0
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_text("".join(line + "\n" for line in kept + ([json.dumps(note)] if note else [])))
     tmp.replace(path)
     return len(lines) - len(kept)
 
@@ -201,14 +202,16 @@ class RunLog:
     step once.
     """
 
-    def __init__(self, run_dir: Path | None, resume_step: int | None = None, final: bool = False) -> None:
+    def __init__(self, run_dir: Path | None, resume_step: int | None = None, final: bool = False,
+                 note: dict[str, Any] | None = None) -> None:
         self.run_dir = run_dir
         self.tb = None
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
             from torch.utils.tensorboard import SummaryWriter
 
-            dropped = truncate_log(run_dir / "metrics.jsonl", resume_step if resume_step is not None else -1, final)
+            dropped = truncate_log(run_dir / "metrics.jsonl", resume_step if resume_step is not None else -1, final,
+                                   note)
             if dropped and resume_step is not None:
                 say(f"metrics.jsonl: dropped {dropped} records after the checkpoint's step {resume_step}")
             self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
@@ -342,8 +345,11 @@ class WorkerRun:
         resumed = resume(self.model, self.optimizer, self.rank, self.device)
         self.state = resumed or LoopState()
         # A resume from the final checkpoint (a run killed while closing) only redoes the closing evaluation.
+        # The resume goes on the record (the driver shows metrics.jsonl, not the workers' lines).
+        note = ({"event": "resume", "step": self.state.step, "epoch": self.state.epoch,
+                 "batch": self.state.batch_in_epoch} if resumed else None)
         self.runlog = RunLog(self.run_dir, resume_step=self.state.step if resumed else None,
-                             final=bool(resumed) and self.state.step >= self.cfg.train.steps)
+                             final=bool(resumed) and self.state.step >= self.cfg.train.steps, note=note)
         # The step of the newest checkpoint a resume can train from (None: none written yet).
         self.last_good: int | None = self.state.step if resumed else None
         if self.rank == 0:

@@ -69,6 +69,13 @@ def test_truncate_log_keeps_each_step_up_to_the_checkpoint_once(tmp_path):
     log.write_text("".join(json.dumps(r) + "\n" for r in closing))
     assert truncate_log(log, 2, final=True) == 3
     assert [json.loads(line) for line in log.read_text().splitlines()] == closing[:1]
+    # A resume's record closes the kept ones in the same replace (a new file: a follower re-reads from it).
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    inode, note = log.stat().st_ino, {"event": "resume", "step": 2, "epoch": 0, "batch": 2}
+    assert truncate_log(log, 2, note=note) == 2 and log.stat().st_ino != inode
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [*records[:4], note]
+    absent = tmp_path / "absent2.jsonl"
+    assert truncate_log(absent, 2, note=note) == 0 and json.loads(absent.read_text()) == note
 
 
 def test_schedules_follow_the_step_and_the_global_batch(tiny_cfg):

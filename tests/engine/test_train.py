@@ -170,6 +170,13 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_local, tmp_path):
     assert _logged_steps(run_dir) == list(range(1, 91))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("event") == "end" for r in records) == 1
+    # The restart is on the record, at the checkpoint's step, just before the steps it redid.
+    (resume,) = [r for r in records if r.get("event") == "resume"]
+    at = records.index(resume)
+    assert resume["step"] in (interval, 2 * interval)
+    assert all(r.get("step", 0) <= resume["step"] for r in records[:at])
+    redone = [r["step"] for r in records[at + 1:] if "loss" in r and "event" not in r]
+    assert redone == list(range(resume["step"] + 1, 91))
 
 
 def _trainable_norm(state: dict) -> float:
