@@ -81,6 +81,7 @@ def train_trial(point: dict[str, Any], base: dict[str, Any], exp_dir: str) -> No
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from glare.engine.driver import run
+    from tune.searcher import FINISHED
 
     try:
         cfg = trial_config(from_dict(base), point)
@@ -94,9 +95,10 @@ def train_trial(point: dict[str, Any], base: dict[str, Any], exp_dir: str) -> No
     class TrialReports(TuneReportCallback):
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             # The closing report's "done" is Tune's own key for "this trial has ended": Tune would stop
-            # the trial's actor on it, before run() returns and writes train/summary.json.
-            super().after_report(run_context, [{k: v for k, v in m.items() if k != "done"} for m in metrics],
-                                 checkpoint)
+            # the trial's actor on it, before run() returns and writes train/summary.json. It goes on
+            # as "finished", which tells the searcher that the value is final (tune/searcher.py).
+            renamed = [{(FINISHED if k == "done" else k): v for k, v in m.items()} for m in metrics]
+            super().after_report(run_context, renamed, checkpoint)
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg.train.storage_path = str(Path(exp_dir) / (TRIAL_PREFIX + trial_id))
@@ -163,7 +165,8 @@ def max_concurrent_trials(sweep: SweepConfig, cfg: GlareConfig, resources: dict[
 def make_searcher(sweep: SweepConfig, cfg: GlareConfig, db: Path):
     """OptunaSearch over the space, its study kept in SQLite at ``db``, the first points enqueued."""
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
+
+    from tune.searcher import StepOptunaSearch
 
     url = f"sqlite:///{db}"
     if db.exists() and sweep.name in optuna.get_all_study_names(url):
@@ -173,7 +176,7 @@ def make_searcher(sweep: SweepConfig, cfg: GlareConfig, db: Path):
         if err := point_error(cfg, point):
             print(f"[sweep] note: first point {i} is invalid and will be recorded as such: {err}", flush=True)
     samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
-    return OptunaSearch(
+    return StepOptunaSearch(
         space=optuna_space(sweep, cfg), metric=sweep.metric, mode=sweep.mode, points_to_evaluate=points or None,
         sampler=samplers[sweep.sampler](seed=sweep.seed), study_name=sweep.name,
         storage=optuna.storages.RDBStorage(url),
