@@ -22,8 +22,12 @@ class StepOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that records intermediate values by ``step`` and prunes trials stopped early."""
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        value, step = result.get(self.metric), result.get("step")
-        if trial_id in self._completed_trials or not _finite(value) or step is None:
+        if trial_id not in self._completed_trials:
+            self._record(trial_id, result)
+
+    def _record(self, trial_id: str, result: dict[str, Any] | None) -> None:
+        value, step = (result or {}).get(self.metric), (result or {}).get("step")
+        if not _finite(value) or step is None:
             return
         trial = self._ot_trials[trial_id]
         if int(step) not in trial.storage.get_trial(trial._trial_id).intermediate_values:
@@ -36,7 +40,10 @@ class StepOptunaSearch(OptunaSearch):
             super().on_trial_complete(trial_id, result, error)
             return
         # Ray would tell a failed trial's last value as final; a trial stopped by the scheduler (or one
-        # ended without a value) is pruned, which Optuna records with its last intermediate value.
+        # ended without a value) is pruned, which Optuna records with its last intermediate value. Tune
+        # hands the result that made the scheduler stop a trial only to this method, so it is recorded
+        # here first: a trial stopped at step 4 is pruned with its step-4 value.
+        self._record(trial_id, result)
         state = optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED
         self._ot_study.tell(self._ot_trials[trial_id], state=state)
         self._completed_trials.add(trial_id)

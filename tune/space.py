@@ -335,6 +335,12 @@ def check_sweep(sweep: SweepConfig, cfg: GlareConfig) -> None:
         max_t = s.max_t or cfg.train.steps
         _check(grace < max_t, "scheduler.grace_period",
                f"must be below max_t ({max_t} steps), else no trial can be stopped early; got {grace}")
+        if "train.steps" in sweep.params():  # a trial that ends before max_t is finished, not stopped
+            rng = sweep.params()["train.steps"]
+            most = int(max(rng.choices) if rng.choices is not None else rng.high)
+            _check(most <= max_t, "space.train.steps",
+                   f"trials of up to {most} steps need scheduler.max_t >= {most} (it is {max_t}); "
+                   "set scheduler.max_t or the base config's train.steps")
 
 
 def scheduler_bounds(sweep: SweepConfig, cfg: GlareConfig) -> tuple[int, int]:

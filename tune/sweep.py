@@ -229,10 +229,12 @@ def save_settings(exp_dir: Path, sweep: SweepConfig, cfg: GlareConfig) -> None:
 def trial_progress(sweep: SweepConfig, max_t: int):
     """A Tune callback printing one line per finished trial: its metric and the best so far.
 
-    The best is taken among trials that trained all ``max_t`` steps, as :func:`best_row` takes it: a
+    The best is taken among trials that trained all their steps, as :func:`best_row` takes it: a
     trial ASHA stopped early is scored at fewer steps, which is not what its config gives when trained.
     """
     from ray.tune import Callback
+
+    from tune.searcher import FINISHED
 
     better = (lambda a, b: a > b) if sweep.mode == "max" else (lambda a, b: a < b)
 
@@ -248,13 +250,13 @@ def trial_progress(sweep: SweepConfig, max_t: int):
                 print(f"[sweep] trial {trial.trial_id} ({self.done}/{sweep.num_samples}) ended without "
                       f"a {sweep.metric}", flush=True)
                 return
-            finished = isinstance(step, int) and step >= max_t
+            finished = bool(result.get(FINISHED)) or (isinstance(step, int) and step >= max_t)
             if finished and (self.best is None or better(value, self.best[0])):
                 self.best = (value, trial.trial_id)
             best = f"{self.best[0]:.4f} (trial {self.best[1]})" if self.best else "none yet"
             print(f"[sweep] trial {trial.trial_id} ({self.done}/{sweep.num_samples}): {sweep.metric}={value:.4f} "
                   f"at step {step}{'' if finished else ' (stopped early)'}; best of those that trained "
-                  f"{max_t} steps: {best}", flush=True)
+                  f"all their steps: {best}", flush=True)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.done += 1
@@ -300,6 +302,7 @@ def build_tuner(sweep: SweepConfig, cfg: GlareConfig, exp_dir: Path, resources: 
 
 def trial_rows(results: Any, sweep: SweepConfig, cfg: GlareConfig) -> list[dict[str, Any]]:
     """One row per trial: id, status, its point, final and best metric, steps, error."""
+    from tune.searcher import FINISHED
     rows = []
     for result in results:
         metrics = result.metrics or {}
@@ -316,8 +319,8 @@ def trial_rows(results: Any, sweep: SweepConfig, cfg: GlareConfig) -> list[dict[
             status = "INVALID" if error else "NO RESULT"
             if not error and "step" in metrics:
                 error = f"trained, but reported no {sweep.metric!r}"
-        elif step is not None and step >= cfg.train.steps:
-            status = "COMPLETED"
+        elif metrics.get(FINISHED) or (step is not None and step >= point.get("train.steps", cfg.train.steps)):
+            status = "COMPLETED"  # its closing report came (with train.steps searched, at its own last step)
         else:
             status = "STOPPED"
         best = (max if sweep.mode == "max" else min)(values) if values else None

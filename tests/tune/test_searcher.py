@@ -25,16 +25,21 @@ def _report(searcher: StepOptunaSearch, trial_id: str, curve: dict[int, float]) 
 
 
 def test_a_stopped_trial_is_pruned_and_never_the_best(searcher):
-    # Like the main job: the stopped trial's early value is above the finished trials' final values.
-    stopped = _report(searcher, "a", {20: 0.79})
-    searcher.on_trial_complete("a", stopped)
+    # Like the main job: the stopped trials' early values are above the finished trial's final value.
+    # As in Tune, the result on which the scheduler stops a trial reaches only on_trial_complete.
+    searcher.suggest("a")
+    searcher.on_trial_complete("a", {"miou": 0.79, "step": 20, "training_iteration": 1})
     done = _report(searcher, "b", {20: 0.78, 40: 0.775, 80: 0.77})
     searcher.on_trial_complete("b", {**done, FINISHED: 1})
-    trials = searcher._ot_study.trials
-    assert [t.state.name for t in trials] == ["PRUNED", "COMPLETE"]
-    assert trials[0].intermediate_values == {20: 0.79}  # (Optuna keeps the last one as a pruned trial's value)
+    _report(searcher, "c", {20: 0.785})
+    searcher.on_trial_complete("c", {"miou": 0.78, "step": 40, "training_iteration": 2})
+    a, b, c = searcher._ot_study.trials
+    assert [t.state.name for t in (a, b, c)] == ["PRUNED", "COMPLETE", "PRUNED"]
+    # Optuna keeps a pruned trial's last intermediate value as its value: the one it was stopped on.
+    assert (a.intermediate_values, a.value) == ({20: 0.79}, 0.79)
+    assert (c.intermediate_values, c.value) == ({20: 0.785, 40: 0.78}, 0.78)
     # Intermediate values are keyed by training step, not by the count of reports.
-    assert trials[1].intermediate_values == {20: 0.78, 40: 0.775, 80: 0.77} and trials[1].value == 0.77
+    assert b.intermediate_values == {20: 0.78, 40: 0.775, 80: 0.77} and b.value == 0.77
     assert searcher._ot_study.best_trial.number == 1
 
 

@@ -91,6 +91,8 @@ def test_tiny_preset_with_overrides():
     (["points=[{}, {optim.lrr: 0.1}]"], [], "'points[1]': 'optim.lrr' is not a searched key"),
     (["scheduler.grace_period=3"], [], "multiple of train.eval_every (2)"),
     ([], ["train.eval_every=0"], "ASHA needs evaluations during training"),
+    (["space.train.steps.low=2", "space.train.steps.high=8", "space.train.steps.step=2"], [],
+     "trials of up to 8 steps need scheduler.max_t >= 8 (it is 6)"),
     ([], ["region.num_regions=5"], "the base config is not valid"),
 ])
 def test_bad_sweep_settings_are_named(sweep_overrides, base_overrides, message):
@@ -276,7 +278,7 @@ def test_sweep_records_an_invalid_point_and_finishes(tmp_path):
     # The console: one line per finished trial with the best so far, no trial output, the best trial's report.
     miou = float(base["miou_final"])
     assert f"[sweep] trial {base['trial_id']} (" in out
-    assert f"miou={miou:.4f} at step 6; best of those that trained 6 steps: {miou:.4f}" in out
+    assert f"miou={miou:.4f} at step 6; best of those that trained all their steps: {miou:.4f}" in out
     assert "Configuration for experiment" not in out and "View detailed results here" not in out  # Tune's box
     assert f"[sweep] trial {invalid['trial_id']} (" in out and "ended without a miou" in out
     assert "RayTrainWorker" not in out and "Trial status" not in out
