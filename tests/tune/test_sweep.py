@@ -116,6 +116,24 @@ def test_default_sweep_fits_the_main_job():
     assert base_point(sweep, cfg)["region.num_regions"] == 6 and cfg.model.timm_kwargs == {}
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "configs" / "sweeps").glob("*.yaml")))
+def test_every_shipped_sweep_preset_is_valid(preset):
+    sweep, cfg = load(parse_args(["--sweep", preset]))  # load() runs check_sweep
+    assert optuna_space(sweep, cfg).keys() == sweep.params().keys()
+    assert all(set(p) == set(sweep.params()) for p in first_points(sweep, cfg))
+
+
+def test_steps_sweep_searches_the_length_and_runs_every_trial_to_its_end():
+    sweep, cfg = load(parse_args(["--sweep", "steps"]))
+    assert set(sweep.params()) == {"train.steps", "model.adapter.first_block", "optim.lr"}
+    assert not sweep.scheduler.enabled
+    base, short = first_points(sweep, cfg)
+    assert (base["train.steps"], short["train.steps"], short["optim.lr"]) == (80, 20, cfg.optim.lr)
+    # A trial longer than ASHA's max_t would be cut short and miscounted as stopped: refused.
+    with pytest.raises(SweepConfigError, match=r"scheduler.max_t >= 80 \(it is 40\)"):
+        checked(["scheduler.enabled=true", "scheduler.max_t=40"], preset="steps")
+
+
 def test_bad_preset_file_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("scheduler: {grace: 2}\n")
