@@ -36,13 +36,14 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def resume_step(trial_dir: Path) -> int:
-    """The step a restarted trial's training resumes from: its newest checkpoint's (-1: it starts afresh)."""
+    """The step a restarted trial's training resumes from: its newest checkpoint Ray registered (-1: it
+    starts afresh)."""
     from glare.engine.driver import checkpoint_step, latest_checkpoint
 
     last = latest_checkpoint(trial_dir / RUN_NAME)
     try:
         return checkpoint_step(last) if last is not None else -1
-    except Exception:  # a checkpoint the killed run left half-written: Ray Train resumes from an older one
+    except Exception:  # an unreadable checkpoint: nothing a restart could train from
         return -1
 
 

@@ -60,9 +60,26 @@ def no_capacity(err: BaseException) -> bool:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest of Ray Train's ``checkpoint_<timestamp>`` folders in a run directory."""
-    found = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    return found[-1] if found else None
+    """The checkpoint a rerun of this run resumes from: the newest one Ray Train has registered (None:
+    none). Not simply the newest ``checkpoint_*`` folder: a folder is written before Ray's controller
+    registers it, and a node lost or a driver killed in between leaves one Ray will not resume from.
+    """
+    import logging
+
+    import ray.train
+
+    if not (run_dir / "checkpoint_manager_snapshot.json").is_file():
+        return None  # Ray registered no checkpoint (Result.from_path would raise)
+    quiet = logging.getLogger("ray.train")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # Ray announces the snapshot it reads at INFO; nothing to act on here
+    try:
+        checkpoint = ray.train.Result.from_path(run_dir).checkpoint
+    except Exception:  # noqa: BLE001 (a snapshot naming a folder since deleted: no checkpoint to resume from)
+        return None
+    finally:
+        quiet.setLevel(level)
+    return Path(checkpoint.path) if checkpoint is not None else None
 
 
 def checkpoint_step(path: Path) -> int:

@@ -98,9 +98,15 @@ def test_two_workers_end_to_end(ray_local, tmp_path, capsys):
 
 
 def test_same_name_resumes_fresh_name_starts_over(ray_local, tmp_path):
-    from glare.engine.driver import run
+    from glare.engine.driver import checkpoint_step, latest_checkpoint, run
 
-    run(_cfg(tmp_path, "train.run_name=r", "train.steps=3", "train.log_every=1"))
+    first = run(_cfg(tmp_path, "train.run_name=r", "train.steps=3", "train.log_every=1"))
+    registered = latest_checkpoint(tmp_path / "r")
+    assert str(registered) == first["checkpoint"] and checkpoint_step(registered) == 3
+    # A newer checkpoint folder Ray never registered (a node lost between its upload and its
+    # registration) is not what a rerun resumes from, so it is not what the driver names either.
+    shutil.copytree(registered, tmp_path / "r" / "checkpoint_2999-12-31_23-59-59.000000")
+    assert latest_checkpoint(tmp_path / "r") == registered
     summary = run(_cfg(tmp_path, "train.run_name=r", "train.steps=6", "train.log_every=1"))
     assert summary["steps"] == 6 and summary["images_seen"] == 6 * 4
     assert _logged_steps(tmp_path / "r") == [1, 2, 3, 4, 5, 6]  # steps 1-3 were not redone
