@@ -215,6 +215,11 @@ class RunLog:
             if dropped and resume_step is not None:
                 say(f"metrics.jsonl: dropped {dropped} records after the checkpoint's step {resume_step}")
             self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
+            if dropped and resume_step is None:
+                # An earlier attempt logged here but left no checkpoint Ray registered (a worker or node lost
+                # before the first one, or a rerun of a run that died early): the work is redone, so say so.
+                self.warning(0, f"no checkpoint to resume from: started over from step 0 (the {dropped} records "
+                                "an earlier attempt left in metrics.jsonl were dropped)")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if self.run_dir is None:

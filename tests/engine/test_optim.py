@@ -92,3 +92,24 @@ def test_schedules_follow_the_step_and_the_global_batch(tiny_cfg):
     decayed = [g for g in opt.param_groups if g["apply_wd"]]
     assert decayed and all(g["weight_decay"] == pytest.approx(0.04) for g in decayed)
     assert all(g["weight_decay"] == 0.0 for g in opt.param_groups if not g["apply_wd"])
+
+
+def test_a_fresh_start_over_an_earlier_attempt_says_so(tmp_path):
+    import json
+
+    from glare.engine.loop import RunLog
+
+    def records() -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+    RunLog(tmp_path).close()  # a first start: nothing to say
+    assert not (tmp_path / "metrics.jsonl").exists()
+    earlier = [{"event": "probe", "step": 0, "miou": 0.5}, {"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in earlier))
+    RunLog(tmp_path).close()  # a restart that found no checkpoint: the earlier records go, with a warning
+    (warning,) = records()
+    assert warning["event"] == "warning" and warning["step"] == 0
+    assert "started over from step 0" in warning["message"] and "the 3 records" in warning["message"]
+    RunLog(tmp_path, resume_step=2, note={"event": "resume", "step": 2}).close()  # a resume: no such warning
+    assert [r["event"] for r in records()] == ["warning", "resume"]
+
