@@ -94,6 +94,17 @@ def _log_lines(run_dir: Path) -> list[str]:
     return path.read_text().splitlines() if path.is_file() else []
 
 
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records (a line a killed writer left torn is skipped)."""
+    records = []
+    for line in _log_lines(run_dir):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def end_record(run_dir: Path) -> dict[str, Any] | None:
     """The ``"event": "end"`` record of metrics.jsonl, if any (a resumed run drops its predecessor's)."""
     ends = [line for line in _log_lines(run_dir) if '"event": "end"' in line]
@@ -107,9 +118,9 @@ def probe_records(run_dir: Path, skip: int = 0) -> list[dict[str, Any]]:
 
 def stopped_summary(run_dir: Path, reason: str) -> dict[str, Any]:
     """``summary.json``'s content for a run stopped from outside (a sweep's scheduler ended its trial's
-    actor before :func:`run` could write it), from its metrics.jsonl: no after-value, no export, the reason."""
-    records = [json.loads(line) for line in _log_lines(run_dir) if line.startswith("{")]
-    steps = [r for r in records if "event" not in r and "step" in r]
+    actor, a Ctrl-C, no capacity for its workers) before its workers could close it, from its
+    metrics.jsonl: no after-value, no export, the reason."""
+    steps = [r for r in _records(run_dir) if "event" not in r and "step" in r]
     probes = probe_records(run_dir)
     first = probes[0] if probes and probes[0]["step"] == 0 else {}
     last_ckpt = latest_checkpoint(run_dir)
@@ -175,16 +186,13 @@ def _trainer(cfg: GlareConfig, name: str, storage: str, run_dir: Path, dataset: 
     )
 
 
-def _no_capacity_summary(cfg: GlareConfig, name: str, run_dir: Path, start: float) -> dict[str, Any]:
-    """The summary of a run whose workers never got their resources within ``ray.capacity_wait_s``."""
+def _ended_early_summary(why: str, name: str, run_dir: Path, start: float) -> dict[str, Any]:
+    """The summary of a run Ray ended before its workers could close it (``why``), naming what a rerun
+    resumes from: workers that never got their resources, or a Ctrl-C."""
     last = latest_checkpoint(run_dir)
-    reason = (f"no capacity for {cfg.ray.num_workers} worker(s) of {worker_resources(cfg)} within "
-              f"ray.capacity_wait_s={cfg.ray.capacity_wait_s:g} s; " + (
-                  f"the last checkpoint (step {checkpoint_step(last)}, {last}) is intact: rerun with "
-                  f"train.run_name={name} to resume" if last else "no checkpoint was written"))
-    return {"run_dir": str(run_dir), "miou_before": None, "miou_after": None, "steps": None,
-            "stop_reason": reason, "checkpoint": str(last) if last else None, "export": None,
-            "wall_s": time.time() - start}
+    reason = f"{why}; " + (f"the last checkpoint (step {checkpoint_step(last)}, {last}) is intact: rerun with "
+                           f"train.run_name={name} to resume" if last else "no checkpoint was written")
+    return {**stopped_summary(run_dir, reason), "wall_s": time.time() - start}
 
 
 def _run_summary(run_dir: Path, result: Any, data: Any, probe_classes: int, start: float) -> dict[str, Any]:
@@ -271,7 +279,15 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = (), verbose: bool = False, 
     except ray.train.ControllerError as err:
         if not (cfg.ray.capacity_wait_s and no_capacity(err)):
             raise
-        summary = _no_capacity_summary(cfg, name, run_dir, start)
+        summary = _ended_early_summary(f"no capacity for {cfg.ray.num_workers} worker(s) of "
+                                       f"{worker_resources(cfg)} within ray.capacity_wait_s="
+                                       f"{cfg.ray.capacity_wait_s:g} s", name, run_dir, start)
+    except SystemExit:
+        # Ray Train's Ctrl-C handler aborts the run, then exits with status 0 from inside fit(): a user would
+        # see a silent success. Say instead that the run was interrupted and what a rerun resumes from.
+        steps = [r["step"] for r in _records(run_dir) if "loss" in r and "event" not in r]
+        summary = _ended_early_summary(f"interrupted (Ctrl-C) after logging step {steps[-1] if steps else 0} of "
+                                       f"{cfg.train.steps}", name, run_dir, start)
     else:
         summary = _run_summary(run_dir, result, data, probe_eval.num_classes, start)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
