@@ -21,25 +21,13 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler
 
+from glare.engine.driver import checkpoint_step, json_lines, latest_checkpoint
 from tune.space import RUN_NAME, TRIAL_PREFIX
-
-
-def _json_lines(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a JSON-lines file (none if it is missing; a torn last line skipped)."""
-    records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # the line a killed writer left half-written
-            pass
-    return records
 
 
 def resume_step(trial_dir: Path) -> int:
     """The step a restarted trial's training resumes from: its newest checkpoint Ray registered (-1: it
     starts afresh)."""
-    from glare.engine.driver import checkpoint_step, latest_checkpoint
-
     last = latest_checkpoint(trial_dir / RUN_NAME)
     try:
         return checkpoint_step(last) if last is not None else -1
@@ -59,9 +47,9 @@ def recorded_results(trial: Any, time_attr: str) -> list[dict[str, Any]]:
         trial_dir = Path(trial.path)
     except RuntimeError:  # a new trial: no folder yet, nothing recorded
         return []
-    logged = [r for r in _json_lines(trial_dir / RUN_NAME / "metrics.jsonl") if "event" not in r]
+    logged = [r for r in json_lines(trial_dir / RUN_NAME / "metrics.jsonl") if "event" not in r]
     # Sorted by step: a rung takes a trial's first result past its milestone.
-    results = sorted(_json_lines(trial_dir / "result.json") + logged, key=lambda r: r.get(time_attr, math.inf))
+    results = sorted(json_lines(trial_dir / "result.json") + logged, key=lambda r: r.get(time_attr, math.inf))
     if trial.status == "TERMINATED":
         return results
     last = resume_step(trial_dir)

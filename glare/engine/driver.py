@@ -94,10 +94,11 @@ def _log_lines(run_dir: Path) -> list[str]:
     return path.read_text().splitlines() if path.is_file() else []
 
 
-def _records(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's records (a line a killed writer left torn is skipped)."""
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file such as metrics.jsonl (none if it is missing; a line a killed
+    writer left torn is skipped)."""
     records = []
-    for line in _log_lines(run_dir):
+    for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -120,7 +121,7 @@ def stopped_summary(run_dir: Path, reason: str) -> dict[str, Any]:
     """``summary.json``'s content for a run stopped from outside (a sweep's scheduler ended its trial's
     actor, a Ctrl-C, no capacity for its workers) before its workers could close it, from its
     metrics.jsonl: no after-value, no export, the reason."""
-    steps = [r for r in _records(run_dir) if "event" not in r and "step" in r]
+    steps = [r for r in json_lines(run_dir / "metrics.jsonl") if "event" not in r and "step" in r]
     probes = probe_records(run_dir)
     first = probes[0] if probes and probes[0]["step"] == 0 else {}
     last_ckpt = latest_checkpoint(run_dir)
@@ -285,7 +286,7 @@ def run(cfg: GlareConfig, callbacks: Sequence[Any] = (), verbose: bool = False, 
     except SystemExit:
         # Ray Train's Ctrl-C handler aborts the run, then exits with status 0 from inside fit(): a user would
         # see a silent success. Say instead that the run was interrupted and what a rerun resumes from.
-        steps = [r["step"] for r in _records(run_dir) if "loss" in r and "event" not in r]
+        steps = [r["step"] for r in json_lines(run_dir / "metrics.jsonl") if "loss" in r and "event" not in r]
         summary = _ended_early_summary(f"interrupted (Ctrl-C) after logging step {steps[-1] if steps else 0} of "
                                        f"{cfg.train.steps}", name, run_dir, start)
     else:

@@ -112,4 +112,3 @@ def test_a_fresh_start_over_an_earlier_attempt_says_so(tmp_path):
     assert "started over from step 0" in warning["message"] and "the 3 records" in warning["message"]
     RunLog(tmp_path, resume_step=2, note={"event": "resume", "step": 2}).close()  # a resume: no such warning
     assert [r["event"] for r in records()] == ["warning", "resume"]
-
